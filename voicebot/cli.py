@@ -1,0 +1,300 @@
+"""The ``voicebot`` command: one console script, one subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .config import Config, load_config
+from .errors import VoicebotError
+
+
+class _AppendInput(argparse.Action):
+    """Keeps --press/--say/--say-wav/--silent in the order given: one input per turn."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        from .simulator import CallerInput
+
+        kind = {"--press": "press", "--say": "say", "--say-wav": "say_wav",
+                "--silent": "silent"}[option_string or ""]
+        inputs = list(getattr(namespace, "inputs", None) or [])
+        inputs.append(CallerInput(kind, "" if values is None else str(values)))
+        namespace.inputs = inputs
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="voicebot", description=__doc__)
+    p.add_argument("--config", help="configuration file (default: voicebot.toml in the project)")
+    p.add_argument("--log-level", default="WARNING",
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    menus = sub.add_parser("menus", help="check or show the menu and language packs")
+    msub = menus.add_subparsers(dest="action", required=True)
+    chk = msub.add_parser("check", help="validate grammars/ and check keywords against models")
+    chk.add_argument("--strict", action="store_true",
+                     help="exit 1 when a keyword is missing from an installed model's vocabulary")
+    show = msub.add_parser("show", help="print the menu tree")
+    show.add_argument("--lang", help="language pack to show words from (default: all)")
+
+    prompts = sub.add_parser("prompts", help="render prompts")
+    psub = prompts.add_subparsers(dest="action", required=True)
+    build = psub.add_parser("build", help="render every prompt into the cache (changed ones only)")
+    build.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    models = sub.add_parser("models", help="ASR models: list, install, import")
+    osub = models.add_subparsers(dest="action", required=True)
+    osub.add_parser("list", help="models the packs use and where they are")
+    inst = osub.add_parser("install", help="download an official model (vosk's own downloader)")
+    inst.add_argument("name")
+    imp = osub.add_parser("import", help="install a model from a zip file or a folder")
+    imp.add_argument("path")
+    imp.add_argument("--name", help="model name (default: the folder name in the zip)")
+
+    intents = sub.add_parser("intents", help="intent classifiers: train, evaluate")
+    isub = intents.add_subparsers(dest="action", required=True)
+    isub.add_parser("train", help="train and save one classifier set per language")
+    ev = isub.add_parser("eval", help="cross-validated accuracy per language and node")
+    ev.add_argument("--folds", type=int, default=5)
+
+    sim = sub.add_parser("simulate", help="run a call on audio through the real voice core")
+    sim.add_argument("--lang", help="start at this language's main menu")
+    sim.add_argument("--press", action=_AppendInput, metavar="KEYS",
+                     help="caller presses keys (in-band DTMF tones)")
+    sim.add_argument("--say", action=_AppendInput, metavar="TEXT",
+                     help="caller says TEXT (espeak-ng in the call's language)")
+    sim.add_argument("--say-wav", action=_AppendInput, metavar="FILE",
+                     help="caller plays a recording (WAV/FLAC/OGG)")
+    sim.add_argument("--silent", action=_AppendInput, nargs=0,
+                     help="caller says nothing for one turn (no-input)")
+    sim.add_argument("--at", help="time of the call, ISO (default now), in the call centre's "
+                                  "timezone unless it carries an offset")
+    sim.add_argument("--barge-in", nargs="?", const=1500, type=int, metavar="MS",
+                     help="caller speaks MS ms into each prompt instead of after it (1500)")
+    sim.add_argument("--transfer-fails", action="store_true",
+                     help="the operator transfer fails (busy)")
+    sim.add_argument("--rate", type=int, default=8000, choices=[8000, 16000],
+                     help="call sample rate (Hz)")
+    sim.add_argument("--record", metavar="FILE", help="write both directions to a WAV file")
+    sim.add_argument("--json", action="store_true", help="one JSON object per turn")
+    sim.set_defaults(inputs=[])
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    try:
+        cfg = load_config(args.config)
+        handler = {
+            "menus": _menus, "prompts": _prompts, "models": _models, "intents": _intents,
+            "simulate": _simulate,
+        }[args.command]
+        return handler(cfg, args)
+    except VoicebotError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+# --- menus ---
+
+
+def _menus(cfg: Config, args: argparse.Namespace) -> int:
+    from .menus import load_grammars
+
+    g = load_grammars(cfg.grammars_dir)
+    if args.action == "show":
+        if args.lang and args.lang not in g.packs:
+            raise VoicebotError(f"--lang {args.lang}: no such pack; have {', '.join(g.packs)}")
+        _show_tree(g, args.lang)
+        return 0
+    from .asr import ModelStore, vocabulary_report
+
+    store = ModelStore(cfg)
+    n_opts = len(g.menu.all_options())
+    print(f"ok: {g.menu.file.name} has {len(g.menu.nodes)} menus and {n_opts} options; "
+          f"packs: {', '.join(sorted(g.packs))}; every pack has all "
+          f"{len(g.required_prompts())} prompts")
+    missing_total = 0
+    for lang, pack in sorted(g.packs.items()):
+        loc = store.location(pack.asr_model)
+        if loc is None:
+            print(f"{lang}: vocabulary not checked, model {pack.asr_model} is not installed")
+            continue
+        missing = vocabulary_report(store.get(pack.asr_model), pack, g.menu)
+        missing_total += len(missing)
+        if not missing:
+            print(f"{lang}: every keyword and decoy is in {pack.asr_model}'s vocabulary")
+        for m in missing:
+            print(f"{lang}: {pack.file.name}: {m.where}: word {m.word!r} of {m.phrase!r} is not "
+                  f"in {pack.asr_model}'s vocabulary (give it an asr_words spelling the model "
+                  "knows)")
+    for line in store.missing_report(g.packs.values()):
+        print(f"note: {line}")
+    return 1 if (args.strict and missing_total) else 0
+
+
+def _show_tree(g: object, lang: str | None) -> None:
+    from .menus import Grammars
+
+    assert isinstance(g, Grammars)
+    langs = [lang] if lang else sorted(g.packs)
+    menu = g.menu
+
+    def words(option_id: str) -> str:
+        parts = []
+        for lg in langs:
+            ow = g.packs[lg].options[option_id]
+            parts.append(f"{lg}: {ow.label} [{', '.join(ow.keywords)}]")
+        return "; ".join(parts)
+
+    def action(o: object) -> str:
+        kind, target = o.kind, o.target  # type: ignore[attr-defined]
+        if kind == "language":
+            return f"-> {menu.home} in {target}"
+        if kind == "goto":
+            return f"-> {target}"
+        if kind == "play":
+            return f"plays {target}, back to this menu"
+        if kind == "action" and target == "operator":
+            return f"operator in working hours, else hours and -> {menu.fallback}"
+        return kind
+
+    for node_id, node in menu.nodes.items():
+        where = " (start)" if node_id == menu.start else (" (home)" if node_id == menu.home
+                                                           else "")
+        print(f"{node_id}{where}: prompt {node.prompt!r}"
+              + (f", * -> {node.back}" if node.back else ""))
+        for o in node.options:
+            print(f"  {o.key}  {o.id:<26} {action(o)}")
+            print(f"       {words(o.id)}")
+        for o in (menu.repeat, menu.back):
+            if o is menu.back and not node.back:
+                continue
+            print(f"  {o.key}  {o.id:<26} {'repeats' if o is menu.repeat else 'goes back'}")
+    print(f"confirm: {menu.yes.key} {menu.yes.id}, {menu.no.key} {menu.no.id}")
+    print(f"  {words(menu.yes.id)}")
+    print(f"  {words(menu.no.id)}")
+
+
+# --- prompts ---
+
+
+def _prompts(cfg: Config, args: argparse.Namespace) -> int:
+    from .session import VoiceCore
+
+    core = VoiceCore(cfg)
+    items = [(f"{p.language}.{p.key}", p.text, p.voice) for p in core.all_prompts()]
+    report = core.prompts.build(items, progress=not args.quiet)
+    print(f"prompts: {report.files} in {core.prompts.root} ({report.rendered} rendered, "
+          f"{report.cached} unchanged)")
+    return 0
+
+
+# --- models ---
+
+
+def _models(cfg: Config, args: argparse.Namespace) -> int:
+    from .menus import load_grammars
+    from .models import fix_hint, import_model, install, load_catalog, resolve
+
+    if args.action == "install":
+        loc = install(cfg, args.name)
+        print(f"{args.name}: installed at {loc.path} ({loc.source})")
+        return 0
+    if args.action == "import":
+        loc = import_model(cfg, Path(args.path), args.name)
+        print(f"{loc.name}: imported to {loc.path}")
+        return 0
+    catalog = load_catalog(cfg)
+    g = load_grammars(cfg.grammars_dir)
+    users: dict[str, list[str]] = {}
+    for lang, pack in g.packs.items():
+        users.setdefault(pack.asr_model, []).append(lang)
+    names = sorted(set(catalog) | set(users))
+    print(f"{'model':<30} {'packs':<8} {'size':>6}  status")
+    for name in names:
+        entry = catalog.get(name)
+        size = f"{entry.size_mb}MB" if entry else "?"
+        loc = resolve(cfg, name)
+        status = f"installed ({loc.source}): {loc.path}" if loc else "missing"
+        print(f"{name:<30} {','.join(sorted(users.get(name, []))) or '-':<8} {size:>6}  {status}")
+    for name in names:
+        if resolve(cfg, name) is None and name in users:
+            print(f"  to install {name}: {fix_hint(cfg, name)}")
+    return 0
+
+
+# --- intents ---
+
+
+def _intents(cfg: Config, args: argparse.Namespace) -> int:
+    from .menus import load_grammars
+    from .nlu import evaluate, load, save, train
+
+    g = load_grammars(cfg.grammars_dir)
+    if args.action == "train":
+        for lang, pack in sorted(g.packs.items()):
+            if load(cfg.models_dir, pack, g.menu) is not None:
+                print(f"{lang}: intent model up to date")
+                continue
+            path = save(train(pack, g.menu), cfg.models_dir)
+            print(f"{lang}: trained {path}")
+        return 0
+    print(f"{'lang':<5} {'node':<10} {'phrases':>7} {'accuracy':>9} {'none-recall':>12}")
+    for lang, pack in sorted(g.packs.items()):
+        results = evaluate(pack, g.menu, folds=args.folds)
+        total = sum(r.samples for r in results)
+        for r in results:
+            print(f"{lang:<5} {r.node:<10} {r.samples:>7} {r.accuracy:>9.3f} "
+                  f"{r.none_recall:>12.3f}")
+        acc = sum(r.accuracy * r.samples for r in results) / total
+        print(f"{lang:<5} {'(all)':<10} {total:>7} {acc:>9.3f}")
+    return 0
+
+
+# --- simulate ---
+
+
+def _simulate(cfg: Config, args: argparse.Namespace) -> int:
+    from .hours import parse_at
+    from .session import VoiceCore
+    from .simulator import Simulator, transcript_lines, turn_json
+
+    core = VoiceCore(cfg)
+    for line in core.startup_report():
+        print(f"note: {line}", file=sys.stderr)
+    if args.lang and args.lang not in core.grammars.packs:
+        raise VoicebotError(f"--lang {args.lang}: no such pack; have "
+                            f"{', '.join(sorted(core.grammars.packs))}")
+    at = parse_at(args.at, core.hours.tz) if args.at else dt.datetime.now(core.hours.tz)
+    sim = Simulator(core, args.inputs, at, language=args.lang, barge_in_ms=args.barge_in,
+                    transfer_fails=args.transfer_fails, sample_rate=args.rate,
+                    record=Path(args.record) if args.record else None)
+    res = sim.run()
+    if args.json:
+        for turn in res.turns:
+            print(json.dumps(turn_json(turn), ensure_ascii=False))
+    else:
+        for line in transcript_lines(res):
+            print(line)
+        if res.recording:
+            print(f"recording: {res.recording}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,570 @@
+"""The dialog engine: a pure state machine, events in, actions out.
+
+It knows the menu, the packs, the working hours and the thresholds; it knows
+nothing of audio, threads, SIP or clocks. Time comes in on the events
+(``t_ms``, media milliseconds since the call started; ``CallStarted.at`` is the
+wall-clock start), so a scripted timeline replays exactly.
+
+Turn-taking rules, as a call-centre engineer expects them:
+- every menu prompt may be interrupted (barge-in) by speech or a key; the
+  recording notice in the welcome may not: keys pressed during it are kept
+  (type-ahead) and acted on when it ends;
+- speech above the accept threshold is taken, between the thresholds confirmed
+  with yes/no, below re-prompted;
+- no-input and no-match re-prompt at most ``max_retries`` times, then the call
+  goes to an operator in working hours, otherwise to the information menu; a
+  second escalation outside hours says goodbye rather than loop.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+from .hours import WorkingHours
+from .menus import Grammars, Node, Option
+from .spoken import say_hours
+
+# --- events (in) -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CallStarted:
+    """A call was answered. at: wall-clock time of the answer (tz-aware).
+    language: start at that language's home menu instead of the language menu."""
+
+    at: dt.datetime
+    language: str | None = None
+    t_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class DtmfReceived:
+    """A key press. method: "inband", "rfc4733" or "info"; t_ms when it was detected;
+    input_end_ms when the caller's input ended (same as t_ms for keys)."""
+
+    digit: str
+    t_ms: float
+    method: str = "inband"
+
+
+@dataclass(frozen=True)
+class SpeechStarted:
+    """The caller started speaking (VAD); used for barge-in."""
+
+    t_ms: float
+
+
+@dataclass(frozen=True)
+class SpeechRecognized:
+    """A finished utterance, recognised and classified against the current Listen.
+
+    text: what the ASR heard (keywords restored from ASR spellings).
+    asr_confidence: mean word confidence from the recogniser, 0..1.
+    option: the best option id among the Listen's options, or None (out of scope).
+    score: combined ASR x classifier probability of ``option``, 0..1.
+    input_end_ms: media time the caller's speech ended (refined VAD boundary).
+    """
+
+    t_ms: float
+    language: str
+    text: str
+    asr_confidence: float
+    option: str | None
+    score: float
+    input_end_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class PromptFinished:
+    """Playback ``play_id`` reached its end (not emitted for stopped playback)."""
+
+    play_id: int
+    t_ms: float
+
+
+@dataclass(frozen=True)
+class InputTimeout:
+    """No key and no speech for the Listen's no_input_ms after the prompts ended."""
+
+    t_ms: float
+
+
+@dataclass(frozen=True)
+class CallerHungUp:
+    t_ms: float
+
+
+@dataclass(frozen=True)
+class TransferFailed:
+    """The operator transfer did not go through (busy, no answer, refused)."""
+
+    t_ms: float
+    reason: str = ""
+
+
+Event = (CallStarted | DtmfReceived | SpeechStarted | SpeechRecognized | PromptFinished
+         | InputTimeout | CallerHungUp | TransferFailed)
+
+# --- actions (out) -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt to say: pack language, prompt key, final text, TTS voice."""
+
+    language: str
+    key: str
+    text: str
+    voice: str
+
+
+@dataclass(frozen=True)
+class Play:
+    """Queue prompts for playback after anything already queued.
+    barge_in: caller speech or a key may stop it."""
+
+    play_id: int
+    prompts: tuple[Prompt, ...]
+    barge_in: bool = True
+
+
+@dataclass(frozen=True)
+class StopPlayback:
+    """Stop the current prompt and drop everything queued."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Listen:
+    """Accept keys and speech for these options from now on.
+
+    node: menu node id ("confirm" while confirming).
+    languages: packs whose recognisers listen (several at the language menu).
+    options: option ids the caller can choose here.
+    no_input_ms: silence after the prompts end that counts as no input.
+    """
+
+    node: str
+    languages: tuple[str, ...]
+    options: tuple[str, ...]
+    no_input_ms: int
+
+
+@dataclass(frozen=True)
+class StopListening:
+    pass
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """Blind-transfer the call to an operator."""
+
+    target: str
+    language: str
+
+
+@dataclass(frozen=True)
+class HangUp:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One caller turn, for the call record and the transcript.
+
+    input: "dtmf", "speech" or "none"; heard: the key or the recognised text;
+    confidence: key 1.0, speech the combined score; option: option chosen or None;
+    result: accepted, confirm, rejected (said no), no_match, no_input;
+    prompt: key of the first prompt played in response (its text in prompt_text);
+    barge_in: the input interrupted a prompt; latency_ms: input end to reply
+    playback start, filled in by the shell that plays it (None until then).
+    """
+
+    t_ms: float
+    node: str
+    language: str | None
+    input: str
+    heard: str
+    confidence: float | None
+    option: str | None
+    result: str
+    prompt: str | None
+    prompt_text: str | None
+    barge_in: bool = False
+    input_end_ms: float | None = None
+    latency_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class LogTurn:
+    turn: Turn
+
+
+Action = Play | StopPlayback | Listen | StopListening | Transfer | HangUp | LogTurn
+
+
+@dataclass(frozen=True)
+class DialogSettings:
+    """Everything the engine needs besides the grammars.
+
+    offered: languages offered at the language menu (in key order), those whose
+    pack and model rules allow it; speech_languages: languages with an ASR model.
+    """
+
+    hours: WorkingHours
+    default_language: str
+    offered: tuple[str, ...]
+    speech_languages: frozenset[str]
+    accept: float = 0.70
+    confirm: float = 0.40
+    max_retries: int = 2
+    no_input_ms: int = 6000
+    operator_uri: str = "sip:operator@127.0.0.1:5070"
+
+
+@dataclass
+class _State:
+    language: str | None = None
+    node: str = ""
+    mode: str = "idle"  # idle, menu, confirm, transfer, closing, ended
+    pending: Option | None = None
+    retries: int = 0
+    escalations: int = 0
+    next_play: int = 1
+    playing: dict[int, bool] = field(default_factory=dict)  # play id -> barge-in allowed
+    typeahead: list[DtmfReceived] = field(default_factory=list)
+    last_prompts: tuple[Prompt, ...] = ()
+    confirmed: str | None = None  # the option the last "yes" confirmed
+    served: bool = False  # the caller got information (a play option) at least once
+    barged: bool = False  # speech stopped a prompt; its result is a barge-in turn
+    transferred: bool = False
+    started: dt.datetime | None = None
+
+
+class DialogEngine:
+    """One call's dialog. ``handle(event)`` returns the actions to carry out, in order."""
+
+    def __init__(self, grammars: Grammars, settings: DialogSettings) -> None:
+        self.g = grammars
+        self.menu = grammars.menu
+        self.s = settings
+        self.st = _State()
+
+    # -- read-only views for the shell and tests --
+
+    @property
+    def language(self) -> str | None:
+        return self.st.language
+
+    @property
+    def node(self) -> str:
+        return self.st.node
+
+    @property
+    def mode(self) -> str:
+        return self.st.mode
+
+    @property
+    def playing(self) -> bool:
+        return bool(self.st.playing)
+
+    @property
+    def outcome(self) -> str:
+        """transferred (to an operator), completed (information given, or said goodbye),
+        or abandoned (the caller left before being served)."""
+        if self.st.transferred:
+            return "transferred"
+        return "completed" if self.st.served else "abandoned"
+
+    # -- event dispatch --
+
+    def handle(self, event: Event) -> list[Action]:
+        if self.st.mode == "ended":
+            return []
+        match event:
+            case CallStarted():
+                return self._on_start(event)
+            case CallerHungUp():
+                self.st.mode = "ended"
+                self.st.playing.clear()
+                return [StopListening()]
+            case PromptFinished():
+                return self._on_prompt_finished(event)
+            case SpeechStarted():
+                return self._on_speech_started()
+            case DtmfReceived():
+                return self._on_dtmf(event)
+            case SpeechRecognized():
+                return self._on_speech(event)
+            case InputTimeout():
+                return self._on_timeout(event)
+            case TransferFailed():
+                return self._on_transfer_failed(event)
+        return []
+
+    # -- helpers building prompts --
+
+    def _now(self, t_ms: float) -> dt.datetime:
+        assert self.st.started is not None
+        return self.st.started + dt.timedelta(milliseconds=t_ms)
+
+    def _prompt(self, key: str, language: str | None = None, **params: str) -> Prompt:
+        lang = language or self.st.language or self.s.default_language
+        pack = self.g.pack(lang)
+        text = say_hours(pack, self.s.hours) if key == "hours" else pack.text(key, **params)
+        return Prompt(lang, key, text, pack.voice)
+
+    def _offered_here(self, node: Node) -> tuple[Option, ...]:
+        """A node's choices, without languages that are not offered on this line."""
+        return tuple(o for o in self.menu.choices(node.id)
+                     if o.kind != "language" or o.target in self.s.offered)
+
+    def _menu_prompts(self, node_id: str) -> tuple[Prompt, ...]:
+        node = self.menu.node(node_id)
+        if node.multilingual:
+            langs = [o.target for o in node.options
+                     if o.kind == "language" and o.target in self.s.offered]
+            return tuple(self._prompt(node.prompt, lang) for lang in langs)
+        prompts = [self._prompt(node.prompt)]
+        if self.st.language in self.s.speech_languages:
+            prompts.append(self._prompt("speech_hint"))
+        return tuple(prompts)
+
+    def _listen(self, node_id: str) -> Listen:
+        node = self.menu.node(node_id)
+        if node.multilingual:
+            langs = tuple(lang for lang in self.s.offered if lang in self.s.speech_languages)
+        else:
+            lang = self.st.language or self.s.default_language
+            langs = (lang,) if lang in self.s.speech_languages else ()
+        return Listen(node_id, langs, tuple(o.id for o in self._offered_here(node)),
+                      self.s.no_input_ms)
+
+    def _play(self, prompts: tuple[Prompt, ...], barge_in: bool = True,
+              remember: bool = True) -> Play:
+        pid = self.st.next_play
+        self.st.next_play += 1
+        self.st.playing[pid] = barge_in
+        if remember:
+            self.st.last_prompts = prompts
+        return Play(pid, prompts, barge_in)
+
+    def _stop(self, reason: str) -> list[Action]:
+        if not self.st.playing:
+            return []
+        self.st.playing.clear()
+        return [StopPlayback(reason)]
+
+    def _go_menu(self, node_id: str, lead: tuple[Prompt, ...] = ()) -> list[Action]:
+        """Enter a menu node: say ``lead`` prompts, then the node's menu, and listen."""
+        self.st.node = node_id
+        self.st.mode = "menu"
+        self.st.pending = None
+        return [self._play((*lead, *self._menu_prompts(node_id))), self._listen(node_id)]
+
+    def _turn(self, t_ms: float, input_: str, heard: str, confidence: float | None,
+              option: str | None, result: str, actions: list[Action], barge_in: bool,
+              input_end_ms: float | None, node: str, language: str | None) -> LogTurn:
+        first = next((a.prompts[0] for a in actions if isinstance(a, Play) and a.prompts), None)
+        return LogTurn(Turn(
+            t_ms=t_ms, node=node, language=language, input=input_, heard=heard,
+            confidence=confidence, option=option, result=result,
+            prompt=first.key if first else None, prompt_text=first.text if first else None,
+            barge_in=barge_in, input_end_ms=input_end_ms))
+
+    # -- handlers --
+
+    def _on_start(self, ev: CallStarted) -> list[Action]:
+        self.st.started = ev.at
+        welcome_lang = ev.language or self.s.default_language
+        welcome = self._play((self._prompt("welcome", welcome_lang),), barge_in=False,
+                             remember=False)
+        if ev.language:
+            if ev.language not in self.g.packs:
+                raise ValueError(f"no language pack {ev.language!r}")
+            self.st.language = ev.language
+            return [welcome, *self._go_menu(self.menu.home)]
+        return [welcome, *self._go_menu(self.menu.start)]
+
+    def _on_prompt_finished(self, ev: PromptFinished) -> list[Action]:
+        barge_in = self.st.playing.pop(ev.play_id, None)
+        actions: list[Action] = []
+        if self.st.mode == "transfer" and not self.st.playing:
+            lang = self.st.language or self.s.default_language
+            self.st.transferred = True
+            actions.append(Transfer(self.s.operator_uri, lang))
+        elif self.st.mode == "closing" and not self.st.playing:
+            self.st.mode = "ended"
+            self.st.served = True  # the bot ended the call itself, politely
+            actions.append(HangUp("goodbye"))
+        elif barge_in is False and self.st.typeahead:
+            # Keys pressed during the recording notice act now, in order.
+            pending, self.st.typeahead = self.st.typeahead, []
+            for d in pending:
+                actions.extend(self._on_dtmf(d))
+        return actions
+
+    def _on_speech_started(self) -> list[Action]:
+        if self.st.mode not in ("menu", "confirm"):
+            return []
+        if self.st.playing and all(self.st.playing.values()):
+            self.st.barged = True
+            return self._stop("barge-in: speech")
+        return []
+
+    def _current_choices(self) -> tuple[Option, ...]:
+        if self.st.mode == "confirm":
+            return self.menu.confirm_choices()
+        return self._offered_here(self.menu.node(self.st.node))
+
+    def _on_dtmf(self, ev: DtmfReceived) -> list[Action]:
+        if self.st.mode not in ("menu", "confirm"):
+            return []
+        if self.st.playing and not all(self.st.playing.values()):
+            self.st.typeahead.append(ev)
+            return []
+        barge = bool(self.st.playing)
+        lang = self.st.language
+        actions = self._stop("barge-in: key")
+        option = next((o for o in self._current_choices() if o.key == ev.digit), None)
+        node = "confirm" if self.st.mode == "confirm" else self.st.node
+        if option is None:
+            out = self._failure("no_match", ev.t_ms)
+            return [*actions, self._turn(ev.t_ms, "dtmf", ev.digit, 1.0, None, "no_match", out,
+                                         barge, ev.t_ms, node, lang), *out]
+        out = self._choose(option, ev.t_ms)
+        result = "rejected" if option.id == self.menu.no.id else "accepted"
+        chosen = self._chosen_id(option)
+        return [*actions, self._turn(ev.t_ms, "dtmf", ev.digit, 1.0, chosen, result, out, barge,
+                                     ev.t_ms, node, lang), *out]
+
+    def _chosen_id(self, option: Option) -> str | None:
+        """The option a turn records: yes records the option it confirmed."""
+        if option.id == self.menu.yes.id:
+            return self.st.confirmed
+        if option.id == self.menu.no.id:
+            return None
+        return option.id
+
+    def _on_speech(self, ev: SpeechRecognized) -> list[Action]:
+        if self.st.mode not in ("menu", "confirm"):
+            return []
+        barge = bool(self.st.playing) or self.st.barged
+        self.st.barged = False
+        actions = self._stop("barge-in: speech")
+        node = "confirm" if self.st.mode == "confirm" else self.st.node
+        choices = {o.id: o for o in self._current_choices()}
+        option = choices.get(ev.option) if ev.option else None
+        # While confirming, anything above the lower threshold counts: a confirmation
+        # of a confirmation would only annoy the caller.
+        accept = self.s.confirm if self.st.mode == "confirm" else self.s.accept
+        if option is not None and ev.score >= accept:
+            out = self._choose(option, ev.t_ms)
+            result = "rejected" if option.id == self.menu.no.id else "accepted"
+            turn = self._turn(ev.t_ms, "speech", ev.text, ev.score, self._chosen_id(option),
+                              result, out, barge, ev.input_end_ms, node, ev.language)
+            return [*actions, turn, *out]
+        if option is not None and ev.score >= self.s.confirm:
+            self.st.mode = "confirm"
+            self.st.pending = option
+            label = self.g.pack(ev.language).words(option.id).label
+            out: list[Action] = [
+                self._play((self._prompt("confirm", ev.language, label=label),)),
+                Listen("confirm", (ev.language,),
+                       tuple(o.id for o in self.menu.confirm_choices()), self.s.no_input_ms),
+            ]
+            turn = self._turn(ev.t_ms, "speech", ev.text, ev.score, None, "confirm", out, barge,
+                              ev.input_end_ms, node, ev.language)
+            return [*actions, turn, *out]
+        out = self._failure("no_match", ev.t_ms)
+        turn = self._turn(ev.t_ms, "speech", ev.text, ev.score, None, "no_match", out, barge,
+                          ev.input_end_ms, node, ev.language)
+        return [*actions, turn, *out]
+
+    def _on_timeout(self, ev: InputTimeout) -> list[Action]:
+        if self.st.mode not in ("menu", "confirm") or self.st.playing:
+            return []
+        node = "confirm" if self.st.mode == "confirm" else self.st.node
+        lang = self.st.language
+        out = self._failure("no_input", ev.t_ms)
+        return [self._turn(ev.t_ms, "none", "", None, None, "no_input", out, False, None, node,
+                           lang), *out]
+
+    def _on_transfer_failed(self, ev: TransferFailed) -> list[Action]:
+        if self.st.mode != "transfer":
+            return []
+        self.st.transferred = False
+        return self._go_menu(self.st.node, (self._prompt("transfer_failed"),))
+
+    # -- choosing --
+
+    def _choose(self, option: Option, t_ms: float) -> list[Action]:
+        """Carry out an option; returns the actions (without the turn log)."""
+        self.st.retries = 0
+        if option.id == self.menu.yes.id:
+            pending = self.st.pending
+            self.st.mode = "menu"
+            self.st.pending = None
+            if pending is None:
+                return self._go_menu(self.st.node)
+            self.st.confirmed = pending.id
+            return self._choose(pending, t_ms)
+        if option.id == self.menu.no.id:
+            self.st.mode = "menu"
+            self.st.pending = None
+            return self._failure("no_match", t_ms)
+        if option.id == self.menu.repeat.id:
+            return [self._play(self.st.last_prompts or self._menu_prompts(self.st.node)),
+                    self._listen(self.st.node)]
+        if option.id == self.menu.back.id:
+            parent = self.menu.node(self.st.node).back or self.st.node
+            return self._go_menu(parent)
+        if option.kind == "language":
+            self.st.language = option.target
+            return self._go_menu(self.menu.home)
+        if option.kind == "goto":
+            return self._go_menu(option.target)
+        if option.kind == "play":
+            self.st.served = True
+            return self._go_menu(self.st.node, (self._prompt(option.target),))
+        if option.kind == "action" and option.target == "operator":
+            return self._operator(t_ms)
+        raise ValueError(f"option {option.id} has an unknown kind {option.kind}")
+
+    def _operator(self, t_ms: float) -> list[Action]:
+        if self.st.language is None:
+            self.st.language = self.s.default_language
+        if self.s.hours.is_open(self._now(t_ms)):
+            self.st.mode = "transfer"
+            return [self._play((self._prompt("operator_transfer"),), barge_in=False),
+                    StopListening()]
+        lead = (self._prompt("operator_closed"), self._prompt("hours"))
+        return self._go_menu(self.menu.fallback, lead)
+
+    def _failure(self, kind: str, t_ms: float) -> list[Action]:
+        """No input or no match: re-prompt, or escalate after max_retries."""
+        node = self.st.node
+        self.st.mode = "menu"
+        self.st.pending = None
+        self.st.retries += 1
+        if self.st.retries <= self.s.max_retries:
+            return self._go_menu(node, (self._prompt(kind),))
+        self.st.retries = 0
+        self.st.escalations += 1
+        if self.st.language is None:
+            self.st.language = self.s.default_language
+        return self._escalate(kind, t_ms)
+
+    def _escalate(self, kind: str, t_ms: float) -> list[Action]:
+        lead = (self._prompt(kind),)
+        if self.s.hours.is_open(self._now(t_ms)):
+            self.st.mode = "transfer"
+            return [self._play((*lead, self._prompt("operator_transfer")), barge_in=False),
+                    StopListening()]
+        if self.st.escalations > 1:
+            self.st.mode = "closing"
+            return [self._play((*lead, self._prompt("goodbye")), barge_in=False),
+                    StopListening()]
+        return self._go_menu(self.menu.fallback, (*lead, self._prompt("escalate_info")))

@@ -1,0 +1,573 @@
+"""The menu tree and the language packs under ``grammars/``, loaded and validated.
+
+``grammars/menu.toml`` holds the structure (nodes, options, DTMF keys, what each
+option does); ``grammars/packs/<lang>.toml`` holds everything said or heard in
+one language (prompt texts, keywords, training phrases, voice, ASR model).
+Adding a language is adding a pack file.
+
+Loading checks everything and reports every problem at once, each naming the
+file, the path inside it and the problem.
+"""
+
+from __future__ import annotations
+
+import string
+import unicodedata
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import read_toml
+from .errors import DataError, DataErrors
+
+DTMF_KEYS = "0123456789*#ABCD"
+MIN_PHRASES = 15
+
+# Prompts the dialog engine itself uses, with the placeholders each may hold.
+SYSTEM_PROMPTS: dict[str, frozenset[str]] = {
+    "welcome": frozenset(),
+    "language_item": frozenset(),
+    "speech_hint": frozenset(),
+    "hours": frozenset({"days", "open", "close"}),
+    "operator_transfer": frozenset(),
+    "operator_closed": frozenset(),
+    "transfer_failed": frozenset(),
+    "confirm": frozenset({"label"}),
+    "no_match": frozenset(),
+    "no_input": frozenset(),
+    "escalate_info": frozenset(),
+    "goodbye": frozenset(),
+}
+
+ACTIONS = ("operator",)
+OFFER_MODES = ("always", "with_model")
+
+
+def normalize_text(text: str) -> str:
+    """Casefold, NFC, punctuation to spaces, single spaces: how keywords and ASR text compare."""
+    text = unicodedata.normalize("NFC", text).casefold()
+    out = []
+    for ch in text:
+        cat = unicodedata.category(ch)
+        out.append(" " if cat[0] in "PSZC" and ch not in "'-" else ch)
+    return " ".join("".join(out).split())
+
+
+@dataclass(frozen=True)
+class Option:
+    """One choice at a menu node.
+
+    kind: "language", "goto", "play", "action", or "command" (repeat/back) or "confirm".
+    target: the language code, node id, prompt key or action name.
+    """
+
+    id: str
+    key: str
+    kind: str
+    target: str = ""
+
+
+@dataclass(frozen=True)
+class Node:
+    """A menu: the prompt that lists it, its options, where * goes."""
+
+    id: str
+    prompt: str
+    options: tuple[Option, ...]
+    back: str | None = None
+    multilingual: bool = False
+
+
+@dataclass(frozen=True)
+class Menu:
+    """The whole tree plus the commands every node takes and the yes/no pair."""
+
+    nodes: dict[str, Node]
+    start: str
+    home: str
+    fallback: str
+    repeat: Option
+    back: Option
+    yes: Option
+    no: Option
+    file: Path
+
+    def node(self, node_id: str) -> Node:
+        return self.nodes[node_id]
+
+    def choices(self, node_id: str) -> tuple[Option, ...]:
+        """Options a caller can pick at a node: its own, repeat, and back where it has a parent."""
+        node = self.nodes[node_id]
+        extra = [self.repeat] + ([self.back] if node.back else [])
+        return (*node.options, *extra)
+
+    def confirm_choices(self) -> tuple[Option, ...]:
+        return (self.yes, self.no)
+
+    def all_options(self) -> list[Option]:
+        """Every option id a pack must give words for, in menu order."""
+        out: list[Option] = []
+        for node in self.nodes.values():
+            out.extend(node.options)
+        out.extend([self.repeat, self.back, self.yes, self.no])
+        return out
+
+    def prompt_keys(self) -> set[str]:
+        """Prompt keys the menu refers to (node prompts and played prompts)."""
+        keys = {n.prompt for n in self.nodes.values()}
+        keys |= {o.target for n in self.nodes.values() for o in n.options if o.kind == "play"}
+        return keys
+
+    def option_by_id(self, option_id: str) -> Option:
+        for o in self.all_options():
+            if o.id == option_id:
+                return o
+        raise KeyError(option_id)
+
+
+@dataclass(frozen=True)
+class OptionWords:
+    """What a caller may say for one option in one language."""
+
+    label: str
+    keywords: tuple[str, ...]
+    phrases: tuple[str, ...]
+    asr_words: dict[str, str] = field(default_factory=dict)
+
+    def asr_phrase(self, keyword: str) -> str:
+        """The keyword as the ASR model spells it (``asr_words``), normalised."""
+        return normalize_text(self.asr_words.get(keyword, keyword))
+
+
+@dataclass(frozen=True)
+class Format:
+    """How a language speaks times and day ranges."""
+
+    locale: str
+    time: str
+    time_minutes: str
+    am: str
+    pm: str
+    hour_word: dict[str, str]
+    minute_word: dict[str, str]
+    day_from: tuple[str, ...]
+    day_to: tuple[str, ...]
+    day_range: str
+    list_separator: str
+    hour_words: tuple[str, ...] = ()  # 24 spoken hours, where digits would take the wrong case
+    day_names: tuple[str, ...] = ()  # plain weekday names, for lists of days that are no range
+
+
+@dataclass(frozen=True)
+class Pack:
+    """One language: voice, ASR model, prompt texts, words per option."""
+
+    language: str
+    name: str
+    voice: str
+    asr_model: str
+    offer: str
+    format: Format
+    prompts: dict[str, str]
+    options: dict[str, OptionWords]
+    decoys: tuple[str, ...]
+    none_phrases: tuple[str, ...]
+    file: Path
+
+    def text(self, key: str, **params: str) -> str:
+        """Prompt text with its placeholders filled."""
+        return self.prompts[key].format(**params) if params else self.prompts[key]
+
+    def words(self, option_id: str) -> OptionWords:
+        return self.options[option_id]
+
+    def asr_to_keyword(self) -> dict[str, str]:
+        """Map from ASR spellings back to the pack's keywords, for every option."""
+        out: dict[str, str] = {}
+        for ow in self.options.values():
+            for k in ow.keywords:
+                spelled = ow.asr_phrase(k)
+                if spelled != normalize_text(k):
+                    out[spelled] = normalize_text(k)
+        return out
+
+
+@dataclass(frozen=True)
+class Grammars:
+    """The validated menu and every pack, keyed by language code."""
+
+    menu: Menu
+    packs: dict[str, Pack]
+    root: Path
+
+    def pack(self, language: str) -> Pack:
+        return self.packs[language]
+
+    def required_prompts(self) -> set[str]:
+        return set(SYSTEM_PROMPTS) | self.menu.prompt_keys()
+
+
+# --- loading ---------------------------------------------------------------------------
+
+
+class _Collector:
+    """Gathers every error of one load so the user sees them all."""
+
+    def __init__(self) -> None:
+        self.errors: list[DataError] = []
+
+    def add(self, file: Path, where: str, problem: str) -> None:
+        self.errors.append(DataError(_show(file), where, problem))
+
+
+def _show(p: Path) -> str:
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(p)
+
+
+def _quote(key: str) -> str:
+    return f'"{key}"' if "." in key else key
+
+
+def _unknown(errs: _Collector, file: Path, where: str, table: dict[str, Any],
+             allowed: Iterable[str]) -> None:
+    allowed = set(allowed)
+    for key in table:
+        if key not in allowed:
+            path = f"{where}.{_quote(key)}" if where else _quote(key)
+            errs.add(file, path, f"unknown key; expected one of: {', '.join(sorted(allowed))}")
+
+
+def _table(errs: _Collector, file: Path, data: dict[str, Any], key: str,
+           where: str = "") -> dict[str, Any]:
+    path = f"{where}.{key}" if where else key
+    value = data.get(key)
+    if value is None:
+        errs.add(file, path, "missing table")
+        return {}
+    if not isinstance(value, dict):
+        errs.add(file, path, f"expected a table, got {type(value).__name__}")
+        return {}
+    return value
+
+
+def _str(errs: _Collector, file: Path, data: dict[str, Any], key: str, where: str,
+         required: bool = True) -> str:
+    path = f"{where}.{key}" if where else key
+    value = data.get(key)
+    if value is None:
+        if required:
+            errs.add(file, path, "missing")
+        return ""
+    if not isinstance(value, str) or not value.strip():
+        errs.add(file, path, f"expected a non-empty string, got {value!r}")
+        return ""
+    return value
+
+
+def _str_list(errs: _Collector, file: Path, data: dict[str, Any], key: str, where: str,
+              required: bool = True) -> list[str]:
+    path = f"{where}.{key}" if where else key
+    value = data.get(key)
+    if value is None:
+        if required:
+            errs.add(file, path, "missing")
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        errs.add(file, path, "expected a list of non-empty strings")
+        return []
+    return value
+
+
+def _command(errs: _Collector, file: Path, data: dict[str, Any], where: str,
+             kind: str) -> Option:
+    _unknown(errs, file, where, data, ("id", "key"))
+    oid = _str(errs, file, data, "id", where)
+    key = _str(errs, file, data, "key", where)
+    if key and key not in DTMF_KEYS:
+        errs.add(file, f"{where}.key", f"{key!r} is not a DTMF key ({DTMF_KEYS})")
+    return Option(oid, key, kind, where.split(".")[-1])
+
+
+def load_menu(path: Path, errs: _Collector) -> Menu | None:
+    """Parse and check ``menu.toml``; problems go to ``errs``."""
+    try:
+        data = read_toml(path)
+    except DataError as exc:
+        errs.errors.append(exc)
+        return None
+    _unknown(errs, path, "", data, ("call", "commands", "confirm", "nodes"))
+    call = _table(errs, path, data, "call")
+    _unknown(errs, path, "call", call, ("start", "home", "fallback"))
+    commands = _table(errs, path, data, "commands")
+    _unknown(errs, path, "commands", commands, ("repeat", "back"))
+    confirm = _table(errs, path, data, "confirm")
+    _unknown(errs, path, "confirm", confirm, ("yes", "no"))
+    repeat = _command(errs, path, _table(errs, path, commands, "repeat", "commands"),
+                      "commands.repeat", "command")
+    back = _command(errs, path, _table(errs, path, commands, "back", "commands"),
+                    "commands.back", "command")
+    yes = _command(errs, path, _table(errs, path, confirm, "yes", "confirm"), "confirm.yes",
+                   "confirm")
+    no = _command(errs, path, _table(errs, path, confirm, "no", "confirm"), "confirm.no",
+                  "confirm")
+    if yes.key and yes.key == no.key:
+        errs.add(path, "confirm.no.key", f"key {no.key!r} is already used by {yes.id}")
+
+    nodes: dict[str, Node] = {}
+    seen_ids: dict[str, str] = {o.id: w for o, w in ((repeat, "commands.repeat"),
+                                                     (back, "commands.back"),
+                                                     (yes, "confirm.yes"), (no, "confirm.no"))}
+    raw_nodes = _table(errs, path, data, "nodes")
+    for node_id, raw in raw_nodes.items():
+        where = f"nodes.{node_id}"
+        if not isinstance(raw, dict):
+            errs.add(path, where, "expected a table")
+            continue
+        _unknown(errs, path, where, raw, ("prompt", "options", "back", "multilingual"))
+        prompt = _str(errs, path, raw, "prompt", where)
+        node_back = raw.get("back")
+        multilingual = bool(raw.get("multilingual", False))
+        raw_opts = raw.get("options")
+        if not isinstance(raw_opts, list) or not raw_opts:
+            errs.add(path, f"{where}.options", "expected a non-empty list of options")
+            raw_opts = []
+        keys: dict[str, str] = {repeat.key: repeat.id}
+        if node_back:
+            keys[back.key] = back.id
+        options: list[Option] = []
+        for i, ro in enumerate(raw_opts):
+            ow = f"{where}.options[{i}]"
+            if not isinstance(ro, dict):
+                errs.add(path, ow, "expected a table like { id = ..., key = ..., goto = ... }")
+                continue
+            _unknown(errs, path, ow, ro, ("id", "key", "language", "goto", "play", "action"))
+            oid = _str(errs, path, ro, "id", ow)
+            key = _str(errs, path, ro, "key", ow)
+            if key and key not in DTMF_KEYS:
+                errs.add(path, f"{ow}.key", f"{key!r} is not a DTMF key ({DTMF_KEYS})")
+            elif key in keys:
+                errs.add(path, f"{ow}.key",
+                         f"two options on one key: {key!r} is already used by {keys[key]}")
+            elif key:
+                keys[key] = oid
+            if oid in seen_ids:
+                errs.add(path, f"{ow}.id", f"option id {oid!r} is already used at {seen_ids[oid]}")
+            elif oid:
+                seen_ids[oid] = ow
+            kinds = [k for k in ("language", "goto", "play", "action") if k in ro]
+            if len(kinds) != 1:
+                errs.add(path, ow, "needs exactly one of language, goto, play, action")
+                continue
+            kind = kinds[0]
+            target = _str(errs, path, ro, kind, ow)
+            if kind == "action" and target and target not in ACTIONS:
+                errs.add(path, f"{ow}.action", f"unknown action {target!r}; known: {ACTIONS}")
+            options.append(Option(oid, key, kind, target))
+        nodes[node_id] = Node(node_id, prompt, tuple(options),
+                              node_back if isinstance(node_back, str) else None, multilingual)
+
+    start = _str(errs, path, call, "start", "call")
+    home = _str(errs, path, call, "home", "call")
+    fallback = _str(errs, path, call, "fallback", "call")
+    for where, ref in (("call.start", start), ("call.home", home), ("call.fallback", fallback)):
+        if ref and ref not in nodes:
+            errs.add(path, where, f"no node named {ref!r}")
+    for node in nodes.values():
+        if node.back and node.back not in nodes:
+            errs.add(path, f"nodes.{node.id}.back", f"no node named {node.back!r}")
+        for i, o in enumerate(node.options):
+            if o.kind == "goto" and o.target not in nodes:
+                errs.add(path, f"nodes.{node.id}.options[{i}].goto", f"no node named {o.target!r}")
+    return Menu(nodes, start, home, fallback, repeat, back, yes, no, path)
+
+
+_FORMAT_KEYS = ("locale", "time", "time_minutes", "am", "pm", "hour_word", "minute_word",
+                "day_from", "day_to", "day_range", "list_separator", "hour_words", "day_names")
+
+
+def _placeholders(text: str) -> set[str] | None:
+    try:
+        return {f for _, f, _, _ in string.Formatter().parse(text) if f is not None}
+    except ValueError:
+        return None
+
+
+def load_pack(path: Path, menu: Menu, errs: _Collector) -> Pack | None:
+    """Parse and check one pack against the menu; problems go to ``errs``."""
+    try:
+        data = read_toml(path)
+    except DataError as exc:
+        errs.errors.append(exc)
+        return None
+    _unknown(errs, path, "", data, ("pack", "format", "prompts", "asr", "nlu", "options"))
+    meta = _table(errs, path, data, "pack")
+    _unknown(errs, path, "pack", meta, ("language", "name", "voice", "asr_model", "offer"))
+    language = _str(errs, path, meta, "language", "pack")
+    if language and language != path.stem:
+        errs.add(path, "pack.language",
+                 f"is {language!r} but the file is {path.name}; name the file {language}.toml")
+    offer = meta.get("offer", "always")
+    if offer not in OFFER_MODES:
+        errs.add(path, "pack.offer", f"{offer!r} is not one of {OFFER_MODES}")
+
+    fmt_raw = _table(errs, path, data, "format")
+    _unknown(errs, path, "format", fmt_raw, _FORMAT_KEYS)
+    for key in ("day_from", "day_to", "day_names"):
+        days = fmt_raw.get(key)
+        if days is not None and (not isinstance(days, list) or len(days) != 7):
+            errs.add(path, f"format.{key}", "needs the seven weekday names, Monday first")
+    hour_words = fmt_raw.get("hour_words")
+    if hour_words is not None and (not isinstance(hour_words, list) or len(hour_words) != 24):
+        errs.add(path, "format.hour_words", "needs 24 entries, for hours 0 to 23")
+        hour_words = None
+    locale = fmt_raw.get("locale")
+    if isinstance(locale, str):
+        try:
+            from babel import Locale, UnknownLocaleError
+
+            Locale.parse(locale)
+        except (UnknownLocaleError, ValueError):
+            errs.add(path, "format.locale", f"{locale!r} is not a CLDR locale (e.g. en, ru, az)")
+    for key in ("hour_word", "minute_word"):
+        forms = fmt_raw.get(key)
+        if forms is not None and (not isinstance(forms, dict) or "other" not in forms):
+            errs.add(path, f"format.{key}",
+                     'needs plural forms as a table with at least "other" (CLDR categories)')
+    fmt = Format(
+        locale=_str(errs, path, fmt_raw, "locale", "format"),
+        time=_str(errs, path, fmt_raw, "time", "format"),
+        time_minutes=_str(errs, path, fmt_raw, "time_minutes", "format"),
+        am=fmt_raw.get("am", ""), pm=fmt_raw.get("pm", ""),
+        hour_word=dict(fmt_raw.get("hour_word") or {"other": ""}),
+        minute_word=dict(fmt_raw.get("minute_word") or {"other": ""}),
+        day_from=tuple(fmt_raw.get("day_from") or ()),
+        day_to=tuple(fmt_raw.get("day_to") or ()),
+        day_range=_str(errs, path, fmt_raw, "day_range", "format"),
+        list_separator=fmt_raw.get("list_separator", ", "),
+        hour_words=tuple(hour_words or ()),
+        day_names=tuple(fmt_raw.get("day_names") or ()),
+    )
+
+    prompts_raw = _table(errs, path, data, "prompts")
+    prompts: dict[str, str] = {}
+    for key, text in prompts_raw.items():
+        if not isinstance(text, str) or not text.strip():
+            errs.add(path, f"prompts.{key}", "expected non-empty text")
+            continue
+        allowed = SYSTEM_PROMPTS.get(key, frozenset())
+        found = _placeholders(text)
+        if found is None:
+            errs.add(path, f"prompts.{key}", "unbalanced { } in the text")
+        elif found - allowed:
+            errs.add(path, f"prompts.{key}",
+                     f"unknown placeholder(s) {sorted(found - allowed)}; this prompt takes "
+                     f"{sorted(allowed) or 'none'}")
+        prompts[key] = text
+
+    asr = data.get("asr", {})
+    _unknown(errs, path, "asr", asr, ("decoys",))
+    decoys = _str_list(errs, path, asr, "decoys", "asr", required=False)
+    nlu = data.get("nlu", {})
+    _unknown(errs, path, "nlu", nlu, ("none_phrases",))
+    none_phrases = _str_list(errs, path, nlu, "none_phrases", "nlu", required=False)
+
+    options_raw = _table(errs, path, data, "options")
+    known = {o.id for o in menu.all_options()}
+    _unknown(errs, path, "options", options_raw, known)
+    options: dict[str, OptionWords] = {}
+    for oid in sorted(known):
+        where = f'options."{oid}"'
+        raw = options_raw.get(oid)
+        if raw is None:
+            errs.add(path, where, "missing: every option of the menu needs its words in each pack")
+            continue
+        if not isinstance(raw, dict):
+            errs.add(path, where, "expected a table")
+            continue
+        _unknown(errs, path, where, raw, ("label", "keywords", "phrases", "asr_words"))
+        label = _str(errs, path, raw, "label", where)
+        keywords = _str_list(errs, path, raw, "keywords", where, required=False)
+        if not keywords:
+            errs.add(path, f"{where}.keywords",
+                     "option without keywords: give at least one word a caller may say")
+        phrases = _str_list(errs, path, raw, "phrases", where, required=False)
+        if len(phrases) < MIN_PHRASES:
+            errs.add(path, f"{where}.phrases",
+                     f"needs at least {MIN_PHRASES} training phrases for the intent classifier, "
+                     f"has {len(phrases)}")
+        asr_words = raw.get("asr_words", {})
+        if not isinstance(asr_words, dict) or not all(isinstance(v, str) for v in
+                                                       asr_words.values()):
+            errs.add(path, f"{where}.asr_words", "expected a table of keyword = \"ASR spelling\"")
+            asr_words = {}
+        for k in asr_words:
+            if k not in keywords:
+                errs.add(path, f"{where}.asr_words.{_quote(k)}",
+                         "is not one of this option's keywords")
+        options[oid] = OptionWords(label, tuple(keywords), tuple(phrases), dict(asr_words))
+
+    # The same spoken keyword for two options at one node would make speech ambiguous.
+    node_sets = [menu.choices(n) for n in menu.nodes] + [menu.confirm_choices()]
+    for choices in node_sets:
+        owner: dict[str, str] = {}
+        for o in choices:
+            if o.id not in options:
+                continue
+            for k in options[o.id].keywords:
+                nk = normalize_text(k)
+                if nk in owner and owner[nk] != o.id:
+                    errs.add(path, f'options."{o.id}".keywords',
+                             f"keyword {k!r} is also a keyword of {owner[nk]} at the same menu")
+                owner.setdefault(nk, o.id)
+    all_keywords = {normalize_text(k) for ow in options.values() for k in ow.keywords}
+    for i, d in enumerate(decoys):
+        if normalize_text(d) in all_keywords:
+            errs.add(path, f"asr.decoys[{i}]", f"decoy {d!r} is also a keyword")
+
+    return Pack(language=language or path.stem, name=_str(errs, path, meta, "name", "pack"),
+                voice=_str(errs, path, meta, "voice", "pack"),
+                asr_model=_str(errs, path, meta, "asr_model", "pack"), offer=offer, format=fmt,
+                prompts=prompts, options=options, decoys=tuple(decoys),
+                none_phrases=tuple(none_phrases), file=path)
+
+
+def load_grammars(root: Path) -> Grammars:
+    """Load ``root/menu.toml`` and every ``root/packs/*.toml``; raise with all problems found."""
+    errs = _Collector()
+    menu = load_menu(root / "menu.toml", errs)
+    packs: dict[str, Pack] = {}
+    pack_dir = root / "packs"
+    files = sorted(pack_dir.glob("*.toml")) if pack_dir.is_dir() else []
+    if not files:
+        errs.add(pack_dir, "", "no language packs (*.toml) found")
+    unreadable: set[str] = set()
+    if menu is not None:
+        for f in files:
+            pack = load_pack(f, menu, errs)
+            if pack is not None:
+                packs[pack.language] = pack
+            else:
+                unreadable.add(f.stem)
+        required = set(SYSTEM_PROMPTS) | menu.prompt_keys()
+        union = required | {k for p in packs.values() for k in p.prompts}
+        for pack in packs.values():
+            for key in sorted(union - set(pack.prompts)):
+                holders = sorted(lang for lang, p in packs.items() if key in p.prompts)
+                why = (f"a prompt missing in this language (present in {', '.join(holders)})"
+                       if holders else "missing; the menu or the dialog engine needs it")
+                errs.add(pack.file, f"prompts.{key}", why)
+        for node in menu.nodes.values():
+            for i, o in enumerate(node.options):
+                if o.kind == "language" and o.target not in set(packs) | unreadable:
+                    errs.add(menu.file, f"nodes.{node.id}.options[{i}].language",
+                             f"no pack {o.target}.toml under {_show(pack_dir)}")
+    if errs.errors:
+        if len(errs.errors) == 1:
+            raise errs.errors[0]
+        raise DataErrors(errs.errors)
+    assert menu is not None
+    return Grammars(menu, packs, root)

@@ -1,0 +1,455 @@
+"""One call on the voice core, and the per-host resources all calls share.
+
+Threads: the media clock (PJSIP's, or the simulator loop) calls ``push_audio`` and
+``pull_audio``; both only copy and enqueue or slice. A worker thread per call owns
+everything else — DTMF detector, VAD, Vosk recognisers, intent classifiers and the
+dialog engine — and takes its work from one queue, so no lock guards the engine.
+
+Timers run on media time (the timestamps of the caller's frames), so a simulated
+call replays exactly and a stalled RTP stream cannot fire a no-input timeout.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from .asr import ModelStore, Recognizer, grammar_phrases
+from .config import Config
+from .dialog import (
+    Action,
+    CallerHungUp,
+    CallStarted,
+    DialogEngine,
+    DialogSettings,
+    DtmfReceived,
+    Event,
+    HangUp,
+    InputTimeout,
+    Listen,
+    LogTurn,
+    Play,
+    Prompt,
+    PromptFinished,
+    SpeechRecognized,
+    SpeechStarted,
+    StopListening,
+    StopPlayback,
+    Turn,
+)
+from .dtmf import DtmfDetector
+from .frames import AudioFrame, resample
+from .hours import WorkingHours
+from .menus import Grammars, load_grammars
+from .nlu import IntentModel, load_or_train, turn_score
+from .playback import Player
+from .tts import PromptCache
+from .vad import Endpointer, UtteranceEnded
+from .vad import SpeechStarted as VadSpeechStarted
+
+log = logging.getLogger(__name__)
+
+PROMPT_GAP_MS = 300  # pause between two prompts of one play
+DTMF_DEDUPE_MS = 250  # the same key from two methods (RFC 4733 + in-band) within this is one
+DTMF_MASKS_SPEECH_MS = 200  # an utterance this close to a key press is the tone, not speech
+
+
+class VoiceCore:
+    """What every call on this host shares: config, grammars, models, classifiers, prompts.
+
+    Build it once per process (models load once, ~500 MB for Korean); then
+    ``session()`` per call.
+    """
+
+    def __init__(self, cfg: Config, grammars: Grammars | None = None,
+                 models: ModelStore | None = None) -> None:
+        self.cfg = cfg
+        self.grammars = grammars or load_grammars(cfg.grammars_dir)
+        self.models = models or ModelStore(cfg)
+        self.hours = WorkingHours.from_config(cfg.hours)
+        self.prompts = PromptCache(cfg.audio_dir / "prompts", cfg.tts.sample_rate, cfg.tts.rate,
+                                   cfg.tts.volume_dbfs)
+        packs = self.grammars.packs
+        self.speech_languages = self.models.speech_languages(packs.values())
+        self.offered = self._offered()
+        self._intents: dict[str, IntentModel] | None = None
+        self.settings = DialogSettings(
+            hours=self.hours, default_language=cfg.languages.default, offered=self.offered,
+            speech_languages=self.speech_languages, accept=cfg.nlu.accept,
+            confirm=cfg.nlu.confirm, max_retries=cfg.dialog.max_retries,
+            no_input_ms=cfg.dialog.no_input_ms, operator_uri=cfg.operator.uri)
+        if cfg.languages.default not in packs:
+            from .errors import DataError
+
+            raise DataError(cfg.source, "languages.default",
+                            f"no pack {cfg.languages.default!r}; have {', '.join(sorted(packs))}")
+
+    @property
+    def intents(self) -> dict[str, IntentModel]:
+        """Intent models of the languages with speech, loaded (or trained) on first use."""
+        if self._intents is None:
+            self._intents = load_or_train(self.cfg.models_dir, self.grammars,
+                                          sorted(self.speech_languages))
+        return self._intents
+
+    def _offered(self) -> tuple[str, ...]:
+        """Languages on the language menu: packs in key order, "with_model" ones only with it."""
+        wanted = self.cfg.languages.offered
+        out = []
+        for node in self.grammars.menu.nodes.values():
+            for o in node.options:
+                if o.kind != "language" or o.target not in self.grammars.packs:
+                    continue
+                pack = self.grammars.packs[o.target]
+                if wanted and o.target not in wanted:
+                    continue
+                if pack.offer == "with_model" and o.target not in self.speech_languages:
+                    continue
+                out.append(o.target)
+        return tuple(out)
+
+    def startup_report(self) -> list[str]:
+        """Lines to print once at start-up: models missing and what fixes them."""
+        return self.models.missing_report(self.grammars.packs.values())
+
+    def load_models(self) -> None:
+        """Load every available ASR model now (before forking workers or taking calls)."""
+        for lang in sorted(self.speech_languages):
+            self.models.get(self.grammars.packs[lang].asr_model)
+
+    def engine(self) -> DialogEngine:
+        return DialogEngine(self.grammars, self.settings)
+
+    def all_prompts(self) -> list[Prompt]:
+        """Every prompt the engine can say with this configuration (for `prompts build`)."""
+        eng = self.engine()
+        eng.st.started = dt.datetime.now(self.hours.tz)
+        out: list[Prompt] = []
+        for lang, pack in self.grammars.packs.items():
+            for key in sorted(self.grammars.required_prompts() | set(pack.prompts)):
+                if key == "confirm":
+                    labels = sorted({ow.label for ow in pack.options.values()})
+                    out.extend(eng._prompt("confirm", lang, label=lb) for lb in labels)
+                else:
+                    out.append(eng._prompt(key, lang))
+        return out
+
+    def session(self, call_id: str, sample_rate: int = 8000,
+                on_action: Callable[[Action], None] | None = None,
+                on_turn: Callable[[Turn], None] | None = None) -> CallSession:
+        return CallSession(self, call_id, sample_rate, on_action, on_turn)
+
+
+@dataclass
+class PlayedPrompt:
+    """A prompt as the caller heard it: when it started (tx ms) and whether it was cut."""
+
+    t_ms: float
+    prompt: Prompt
+    play_id: int
+
+
+@dataclass
+class _Utterance:
+    start_ms: float
+    languages: tuple[str, ...]
+    masked: bool = False  # a DTMF tone, not speech
+
+
+@dataclass
+class CallStats:
+    """Per-call measurements for logs and benchmarks (all ms)."""
+
+    frames: int = 0
+    frame_cost_us: list[float] = field(default_factory=list)
+    asr_finalize_ms: list[float] = field(default_factory=list)
+    decision_ms: list[float] = field(default_factory=list)
+    barge_in_ms: list[float] = field(default_factory=list)
+
+
+class CallSession:
+    """The voice core running one call. Create via :meth:`VoiceCore.session`."""
+
+    def __init__(self, core: VoiceCore, call_id: str, sample_rate: int,
+                 on_action: Callable[[Action], None] | None,
+                 on_turn: Callable[[Turn], None] | None) -> None:
+        self.core = core
+        self.call_id = call_id
+        self.sample_rate = sample_rate
+        self.engine = core.engine()
+        self._on_action = on_action
+        self._on_turn = on_turn
+        self._q: queue.Queue[tuple[str, object]] = queue.Queue()
+        self.player = Player(sample_rate, on_start=self._play_started,
+                             on_finish=self._play_finished, on_mark=self._prompt_mark)
+        self.dtmf = DtmfDetector(sample_rate, core.cfg.dtmf)
+        self.vad = Endpointer(core.cfg.vad, sample_rate)
+        self._recognizers: dict[str, Recognizer] = {}
+        self.listen: Listen | None = None
+        self._utt: _Utterance | None = None
+        self._quiet_since: float | None = None
+        self._now_ms = 0.0
+        self._last_digit: tuple[str, float, str] | None = None
+        self._pending_turns: list[tuple[Turn, int]] = []
+        self._play_started_ms: dict[int, float] = {}
+        self.turns: list[Turn] = []
+        self.played: list[PlayedPrompt] = []
+        self.result: str | None = None  # completed, transferred, abandoned
+        self.ended = threading.Event()
+        self.stats = CallStats()
+        self._idle = threading.Condition()
+        self._busy = 0
+        self._thread = threading.Thread(target=self._run, name=f"call-{call_id}", daemon=True)
+        self._thread.start()
+
+    # --- media-clock side: never block ---
+
+    def push_audio(self, frame: AudioFrame) -> None:
+        """Hand a caller frame to the worker (called from the media clock thread)."""
+        self._enqueue("frame", frame)
+
+    def pull_audio(self, n: int) -> np.ndarray:
+        """The bot's next ``n`` samples (called from the media clock thread)."""
+        return self.player.pull(n)
+
+    def post(self, event: Event) -> None:
+        """Hand a signalling event (RFC 4733 key, hang-up, transfer result) to the worker."""
+        self._enqueue("event", event)
+
+    def _enqueue(self, kind: str, item: object) -> None:
+        with self._idle:
+            self._busy += 1
+        self._q.put_nowait((kind, item))
+
+    # --- control ---
+
+    def start(self, at: dt.datetime, language: str | None = None) -> None:
+        self.post(CallStarted(at, language, 0.0))
+
+    def drain(self, timeout: float = 30.0) -> None:
+        """Block until the worker has handled everything queued (simulator lock-step)."""
+        with self._idle:
+            if not self._idle.wait_for(lambda: self._busy == 0, timeout):
+                raise TimeoutError(f"call {self.call_id}: worker did not catch up")
+
+    def close(self) -> None:
+        """Stop the worker thread (after a hang-up has been posted or the call ended)."""
+        self._q.put_nowait(("stop", None))
+        self._thread.join(timeout=10)
+
+    @property
+    def waiting_for_input(self) -> bool:
+        """The bot has said everything and listens: the caller's turn."""
+        return (self.listen is not None and not self.player.busy and not self.engine.playing
+                and self.engine.mode in ("menu", "confirm"))
+
+    # --- player callbacks (media clock thread): only enqueue ---
+
+    def _play_started(self, play_id: int, t_ms: float) -> None:
+        self._play_started_ms[play_id] = t_ms
+
+    def _play_finished(self, play_id: int, t_ms: float) -> None:
+        self.post(PromptFinished(play_id, t_ms))
+
+    def _prompt_mark(self, tag: object, t_ms: float) -> None:
+        if isinstance(tag, tuple):
+            play_id, prompt = tag
+            self.played.append(PlayedPrompt(t_ms, prompt, play_id))
+
+    # --- worker ---
+
+    def _run(self) -> None:
+        while True:
+            kind, item = self._q.get()
+            try:
+                if kind == "stop":
+                    return
+                if kind == "frame":
+                    self._on_frame(item)  # type: ignore[arg-type]
+                else:
+                    self._dispatch(item)  # type: ignore[arg-type]
+            except Exception:
+                # One bad frame or event must not kill the call; the record keeps the error.
+                log.exception("call %s: error handling %s", self.call_id, kind)
+            finally:
+                with self._idle:
+                    self._busy -= 1
+                    if self._busy == 0:
+                        self._idle.notify_all()
+
+    def _on_frame(self, frame: AudioFrame) -> None:
+        t0 = time.perf_counter()
+        self._now_ms = frame.end_ms
+        self.stats.frames += 1
+        for d in self.dtmf.process(frame):
+            self._digit(d.digit, d.detected_ms, "inband")
+        for ev in self.vad.process(frame):
+            if isinstance(ev, VadSpeechStarted):
+                self._speech_started(ev)
+            elif isinstance(ev, UtteranceEnded):
+                self._utterance_ended(ev)
+        if self._utt is not None and self.vad.in_speech and not self._utt.masked:
+            for lang in self._utt.languages:
+                self._recognizers[lang].accept(frame.samples)
+        self._check_timeout()
+        self._flush_turns()
+        self.stats.frame_cost_us.append((time.perf_counter() - t0) * 1e6)
+
+    def _check_timeout(self) -> None:
+        listening = self.listen is not None and self.engine.mode in ("menu", "confirm")
+        if not listening or self.player.busy or self.engine.playing or self.vad.in_speech:
+            self._quiet_since = None
+            return
+        if self._quiet_since is None:
+            self._quiet_since = self._now_ms
+        elif self._now_ms - self._quiet_since >= self.listen.no_input_ms:  # type: ignore[union-attr]
+            self._quiet_since = None
+            self._dispatch(InputTimeout(self._now_ms))
+
+    def _digit(self, digit: str, t_ms: float, method: str) -> None:
+        last = self._last_digit
+        if last and last[0] == digit and last[2] != method and t_ms - last[1] < DTMF_DEDUPE_MS:
+            return
+        self._last_digit = (digit, t_ms, method)
+        if self._utt is not None:
+            self._utt.masked = True
+        self._dispatch(DtmfReceived(digit, t_ms, method))
+
+    def _speech_started(self, ev: VadSpeechStarted) -> None:
+        langs = self.listen.languages if self.listen else ()
+        masked = bool(self._last_digit and ev.start_ms - self._last_digit[1] < DTMF_MASKS_SPEECH_MS)
+        self._utt = _Utterance(ev.start_ms, langs, masked)
+        if not masked:
+            for lang in langs:
+                self._recognizers[lang].accept(ev.preroll)
+            stopped_before = self.player.busy
+            self._dispatch(SpeechStarted(ev.at_ms))
+            if stopped_before and not self.player.busy:
+                self.stats.barge_in_ms.append(self.player.tx_ms - ev.at_ms)
+
+    def _utterance_ended(self, ev: UtteranceEnded) -> None:
+        utt, self._utt = self._utt, None
+        if utt is None:
+            return
+        results = []
+        for lang in utt.languages:
+            res = self._recognizers[lang].finish()
+            self.stats.asr_finalize_ms.append(res.finalize_ms)
+            results.append((lang, res))
+        if utt.masked or ev.too_short or not results:
+            return
+        t0 = time.perf_counter()
+        best: SpeechRecognized | None = None
+        node = self.listen.node if self.listen else ""
+        for lang, res in results:
+            intent = self.core.intents[lang].classify(node, res.text,
+                                                      self.listen.options if self.listen else None)
+            score = (turn_score(intent.probability, res.confidence,
+                                self.core.cfg.asr.min_word_confidence) if intent.option else 0.0)
+            cand = SpeechRecognized(self._now_ms, lang, res.text, res.confidence, intent.option,
+                                    score, ev.end_ms)
+            if best is None or cand.score > best.score or (cand.text and not best.text):
+                best = cand
+        self.stats.decision_ms.append((time.perf_counter() - t0) * 1000)
+        assert best is not None
+        self._dispatch(best)
+
+    def _dispatch(self, event: Event) -> None:
+        actions = self.engine.handle(event)
+        # The engine logs a turn just before the play that answers it; the turn is emitted
+        # once that play's first sample goes out, which is when its latency is known.
+        reply = next((a.play_id for a in actions if isinstance(a, Play)), None)
+        for action in actions:
+            if isinstance(action, LogTurn):
+                if reply is None:
+                    self._emit_turn(action.turn)
+                else:
+                    self._pending_turns.append((action.turn, reply))
+            else:
+                self._do(action)
+            if self._on_action is not None:
+                self._on_action(action)
+        if isinstance(event, CallerHungUp):
+            self._finish(self.engine.outcome)
+
+    def _do(self, action: Action) -> None:
+        match action:
+            case Play():
+                self._play(action)
+            case StopPlayback():
+                self.player.stop()
+            case Listen():
+                self._listen(action)
+            case StopListening():
+                self.listen = None
+            case HangUp():
+                self._finish(self.engine.outcome)
+
+    def _play(self, play: Play) -> None:
+        gap = np.zeros(self.sample_rate * PROMPT_GAP_MS // 1000, dtype=np.int16)
+        parts: list[np.ndarray] = []
+        marks: list[tuple[int, object]] = []
+        offset = 0
+        for i, prompt in enumerate(play.prompts):
+            audio = self.core.prompts.get(prompt.text, prompt.voice)
+            audio = resample(audio, self.core.prompts.sample_rate, self.sample_rate)
+            if i:
+                parts.append(gap)
+                offset += len(gap)
+            marks.append((offset, (play.play_id, prompt)))
+            parts.append(audio)
+            offset += len(audio)
+        self.player.enqueue(play.play_id, np.concatenate(parts) if parts else gap, marks)
+
+    def _listen(self, listen: Listen) -> None:
+        self.listen = listen
+        for lang in listen.languages:
+            rec = self._recognizers.get(lang)
+            if rec is None:
+                name = self.core.grammars.packs[lang].asr_model
+                model = self.core.models.get(name)
+                rec = Recognizer(model, self.sample_rate, self.core.models.has_unk(name))
+                self._recognizers[lang] = rec
+            if self.core.cfg.asr.grammar:
+                pack = self.core.grammars.packs[lang]
+                rec.set_grammar(grammar_phrases(pack, listen.options, True, rec.has_unk))
+            else:
+                rec.set_grammar(None)
+
+    def _flush_turns(self, final: bool = False) -> None:
+        """Emit turns whose reply started playing, with the input-to-reply latency."""
+        keep = []
+        for turn, play_id in self._pending_turns:
+            started = self._play_started_ms.get(play_id)
+            if started is not None or final:
+                latency = (started - turn.input_end_ms
+                           if started is not None and turn.input_end_ms is not None else None)
+                self._emit_turn(replace(turn, latency_ms=latency))
+            else:
+                keep.append((turn, play_id))
+        self._pending_turns = keep
+
+    def _emit_turn(self, turn: Turn) -> None:
+        self.turns.append(turn)
+        log.info("call %s turn node=%s input=%s heard=%r conf=%s option=%s result=%s "
+                 "latency_ms=%s", self.call_id, turn.node, turn.input, turn.heard,
+                 None if turn.confidence is None else round(turn.confidence, 3), turn.option,
+                 turn.result, None if turn.latency_ms is None else round(turn.latency_ms))
+        if self._on_turn is not None:
+            self._on_turn(turn)
+
+    def _finish(self, result: str) -> None:
+        if self.ended.is_set():
+            return
+        self.result = result
+        self._flush_turns(final=True)
+        self.player.stop()
+        self.listen = None
+        self.ended.set()

@@ -1,0 +1,228 @@
+"""Prompt rendering: pyttsx3 on espeak-ng, into a content-addressed WAV cache.
+
+A prompt's file name is the hash of everything that changes its sound (text,
+voice, speaking rate, level, sample rate, engine versions), so an edited prompt
+gets a new file and an unchanged one is never rendered again. Files are 8 kHz
+(or 16 kHz) mono PCM16 WAV, written atomically. Dynamic text (hours, numbers)
+goes through the same cache on demand.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+import threading
+import time
+import wave
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+
+from .errors import VoicebotError
+from .frames import read_wav, resample, to_int16, write_wav
+
+log = logging.getLogger(__name__)
+
+TRIM_THRESHOLD = 200  # |sample| above which audio counts as sound when trimming (int16)
+EDGE_MS = 10  # silence kept at each end after trimming
+SYNTH_TIMEOUT_S = 10.0  # per attempt; espeak renders a long prompt in well under a second
+SYNTH_ATTEMPTS = 3
+
+
+class TtsError(VoicebotError):
+    """espeak-ng could not render a text (missing voice, engine not installed)."""
+
+
+def _complete_wav(path: Path) -> bool:
+    """True once ``path`` holds a whole WAV (header frame count matches the file size)."""
+    try:
+        size = path.stat().st_size
+        with wave.open(str(path), "rb") as w:
+            return size >= 44 + w.getnframes() * w.getsampwidth() * w.getnchannels()
+    except (OSError, EOFError, wave.Error):
+        return False
+
+
+class Synthesizer:
+    """pyttsx3 with the espeak driver, serialised: the engine is not thread-safe."""
+
+    _lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self._engine = None
+
+    def _get(self) -> object:
+        if self._engine is None:
+            import pyttsx3
+
+            try:
+                self._engine = pyttsx3.init("espeak")
+                # The espeak driver prints "Audio saved to ..." from espeak's callback thread,
+                # which would land in the middle of our own output (--json); silence it.
+                from pyttsx3.drivers import espeak as driver
+
+                driver.print = lambda *args, **kwargs: None  # type: ignore[attr-defined]
+            except Exception as exc:
+                raise TtsError(
+                    f"pyttsx3 could not start espeak-ng ({exc}); install the Debian package "
+                    "espeak-ng (make run/make test do it)") from exc
+        return self._engine
+
+    @staticmethod
+    def engine_version() -> str:
+        """pyttsx3 and espeak-ng versions: part of every cache key."""
+        try:
+            from pyttsx3.drivers import _espeak
+
+            espeak = _espeak.Info().decode() if isinstance(_espeak.Info(), bytes) else str(
+                _espeak.Info())
+        except Exception:  # the version only keys the cache; a missing engine fails later
+            espeak = "unknown"
+        return f"pyttsx3-{version('pyttsx3')}/espeak-ng-{espeak}"
+
+    def synthesize(self, text: str, voice: str, rate: int) -> tuple[np.ndarray, int]:
+        """Render ``text``: (int16 mono samples, sample rate of espeak's output)."""
+        with self._lock:
+            engine = self._get()
+            engine.setProperty("voice", voice)  # type: ignore[attr-defined]
+            engine.setProperty("rate", rate)  # type: ignore[attr-defined]
+            with tempfile.TemporaryDirectory(prefix="voicebot-tts-") as tmp:
+                for attempt in range(SYNTH_ATTEMPTS):
+                    out = Path(tmp) / f"say{attempt}.wav"
+                    if self._render_once(engine, text, out):
+                        return read_wav(out)
+                    log.warning("espeak-ng dropped a synthesis (attempt %d): %r", attempt + 1,
+                                text[:60])
+        raise TtsError(f"espeak-ng rendered nothing for voice {voice!r}: {text!r}; check "
+                       "`espeak-ng --voices` lists it")
+
+    @staticmethod
+    def _render_once(engine: object, text: str, out: Path) -> bool:
+        """One synthesis into ``out``; False when espeak produced no file in time.
+
+        pyttsx3's espeak driver synthesises on espeak's own thread and runAndWait() can
+        return before the file is written; and a Synth() issued while espeak is still
+        finishing the previous text is dropped. So: wait for espeak to be idle, start,
+        then wait for a whole file and for the driver's callback to finish.
+        """
+        from pyttsx3.drivers import _espeak
+
+        driver = getattr(getattr(engine, "proxy", None), "_driver", None)
+        deadline = time.monotonic() + SYNTH_TIMEOUT_S
+        while (_espeak.IsPlaying() or getattr(driver, "_speaking", False)) and \
+                time.monotonic() < deadline:
+            time.sleep(0.002)
+        engine.save_to_file(text, str(out))  # type: ignore[attr-defined]
+        engine.runAndWait()  # type: ignore[attr-defined]
+        while not _complete_wav(out) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        while getattr(driver, "_speaking", False) and time.monotonic() < deadline:
+            time.sleep(0.002)
+        return _complete_wav(out) and out.stat().st_size > 44
+
+
+def trim(samples: np.ndarray, sample_rate: int) -> np.ndarray:
+    """Cut leading and trailing silence to EDGE_MS: silence before a reply is latency."""
+    loud = np.flatnonzero(np.abs(samples.astype(np.int32)) > TRIM_THRESHOLD)
+    if len(loud) == 0:
+        return samples
+    edge = sample_rate * EDGE_MS // 1000
+    return samples[max(0, loud[0] - edge): loud[-1] + edge]
+
+
+def normalize(samples: np.ndarray, target_dbfs: float) -> np.ndarray:
+    """Scale to ``target_dbfs`` RMS over the sounding part, without clipping."""
+    x = samples.astype(np.float64)
+    active = x[np.abs(x) > TRIM_THRESHOLD]
+    if len(active) == 0:
+        return samples
+    rms = float(np.sqrt(np.mean(active**2)))
+    gain = (32768.0 * 10 ** (target_dbfs / 20.0)) / rms
+    peak = float(np.abs(x).max())
+    gain = min(gain, 32000.0 / peak)
+    return to_int16(x * gain)
+
+
+@dataclass(frozen=True)
+class BuildReport:
+    rendered: int
+    cached: int
+    files: int
+
+
+class PromptCache:
+    """Content-addressed prompt audio under ``root``, plus an in-memory LRU of decoded audio."""
+
+    def __init__(self, root: Path, sample_rate: int = 8000, rate: int = 165,
+                 volume_dbfs: float = -16.0, memory_items: int = 512) -> None:
+        self.root = root
+        self.sample_rate = sample_rate
+        self.rate = rate
+        self.volume_dbfs = volume_dbfs
+        self.synth = Synthesizer()
+        self._engine = Synthesizer.engine_version()
+        self._mem: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._mem_items = memory_items
+        self._lock = threading.Lock()
+
+    def key(self, text: str, voice: str) -> str:
+        spec = {"text": text, "voice": voice, "rate": self.rate, "level": self.volume_dbfs,
+                "sample_rate": self.sample_rate, "engine": self._engine}
+        return hashlib.sha256(json.dumps(spec, sort_keys=True, ensure_ascii=False).encode()
+                              ).hexdigest()
+
+    def path(self, text: str, voice: str) -> Path:
+        k = self.key(text, voice)
+        return self.root / k[:2] / f"{k}.wav"
+
+    def has(self, text: str, voice: str) -> bool:
+        return self.path(text, voice).exists()
+
+    def render(self, text: str, voice: str) -> np.ndarray:
+        """Synthesize, resample, trim and level one text (no cache)."""
+        samples, rate = self.synth.synthesize(text, voice, self.rate)
+        samples = resample(samples, rate, self.sample_rate)
+        return normalize(trim(samples, self.sample_rate), self.volume_dbfs)
+
+    def get(self, text: str, voice: str) -> np.ndarray:
+        """The prompt's audio at ``sample_rate``, rendering it on first use."""
+        k = self.key(text, voice)
+        with self._lock:
+            hit = self._mem.get(k)
+            if hit is not None:
+                self._mem.move_to_end(k)
+                return hit
+        p = self.root / k[:2] / f"{k}.wav"
+        if p.exists():
+            samples, _ = read_wav(p)
+        else:
+            samples = self.render(text, voice)
+            write_wav(p, samples, self.sample_rate)
+            log.debug("rendered prompt %s (%s): %r", p.name, voice, text[:60])
+        with self._lock:
+            self._mem[k] = samples
+            while len(self._mem) > self._mem_items:
+                self._mem.popitem(last=False)
+        return samples
+
+    def build(self, items: Iterable[tuple[str, str, str]], progress: bool = True) -> BuildReport:
+        """Render every (label, text, voice) not yet in the cache; show progress."""
+        items = list(items)
+        todo = [(label, text, voice) for label, text, voice in items if not self.has(text, voice)]
+        if todo:
+            from tqdm import tqdm
+
+            for label, text, voice in tqdm(todo, desc="rendering prompts", unit="prompt",
+                                           disable=not progress):
+                try:
+                    write_wav(self.path(text, voice), self.render(text, voice), self.sample_rate)
+                except TtsError as exc:
+                    raise TtsError(f"{label}: {exc}") from exc
+        files = len({self.key(t, v) for _, t, v in items})
+        return BuildReport(rendered=len(todo), cached=len(items) - len(todo), files=files)
