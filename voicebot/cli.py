@@ -31,7 +31,7 @@ class _AppendInput(argparse.Action):
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="voicebot", description=__doc__)
     p.add_argument("--config", help="configuration file (default: voicebot.toml in the project)")
-    p.add_argument("--log-level", default="WARNING",
+    p.add_argument("--log-level", default=None,
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -84,19 +84,68 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--record", metavar="FILE", help="write both directions to a WAV file")
     sim.add_argument("--json", action="store_true", help="one JSON object per turn")
     sim.set_defaults(inputs=[])
+
+    srv = sub.add_parser("serve", help="answer SIP calls (pjsua2), optionally N workers behind "
+                                       "Kamailio")
+    srv.add_argument("--listen", metavar="HOST:PORT", help="public SIP address (default from "
+                                                           "[sip] listen: 127.0.0.1:5060)")
+    srv.add_argument("--workers", type=int, default=1,
+                     help="worker processes (4 calls each); more than 1 runs Kamailio in front")
+    srv.add_argument("--at", help="set the clock (ISO time) for working hours, e.g. for tests")
+
+    call = sub.add_parser("call", help="dial a SIP URI with a softphone and navigate by keys or "
+                                       "speech")
+    call.add_argument("uri", help="e.g. sip:919@127.0.0.1:5060")
+    call.add_argument("--press", action=_AppendInput, metavar="KEYS", help="send keys")
+    call.add_argument("--say", action=_AppendInput, metavar="TEXT",
+                      help="say TEXT (espeak-ng, streamed as RTP)")
+    call.add_argument("--say-wav", action=_AppendInput, metavar="FILE",
+                      help="stream a recording as RTP")
+    call.add_argument("--silent", action=_AppendInput, nargs=0, help="say nothing for one turn")
+    call.add_argument("--lang", help="voice for --say (default: the language chosen by key, or "
+                                     "the pack whose keyword it is)")
+    call.add_argument("--barge-in", nargs="?", const=1500, type=int, metavar="MS",
+                      help="speak MS ms into each prompt instead of after it (1500)")
+    call.add_argument("--dtmf", default="rfc4733", choices=["rfc4733", "info", "inband"],
+                      help="how keys are sent (default RFC 4733 telephone-events)")
+    call.add_argument("--record", metavar="FILE", help="write both directions to a WAV file")
+    call.add_argument("--json", action="store_true", help="one JSON object per turn")
+    call.add_argument("--timeout", type=float, default=300.0, metavar="S",
+                      help="give up after S seconds")
+    call.set_defaults(inputs=[])
+
+    calls = sub.add_parser("calls", help="list recorded calls with their paths")
+    calls.add_argument("--json", action="store_true", help="one JSON object per call")
+    calls.add_argument("--last", type=int, default=20, metavar="N", help="newest N calls (20)")
+    _common_everywhere(p)
     return p
+
+
+def _common_everywhere(parser: argparse.ArgumentParser) -> None:
+    """Accept --config and --log-level after any subcommand too (``voicebot serve --config F``).
+
+    SUPPRESS keeps a subcommand's unset option from overwriting one given before it."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in set(action.choices.values()):
+                child.add_argument("--config", default=argparse.SUPPRESS,
+                                   help="configuration file (default: voicebot.toml)")
+                child.add_argument("--log-level", default=argparse.SUPPRESS,
+                                   choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+                _common_everywhere(child)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level),
+    level = args.log_level or ("INFO" if args.command == "serve" else "WARNING")
+    logging.basicConfig(level=getattr(logging, level),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     try:
         cfg = load_config(args.config)
         handler = {
             "menus": _menus, "prompts": _prompts, "models": _models, "intents": _intents,
-            "simulate": _simulate,
+            "simulate": _simulate, "serve": _serve, "calls": _calls, "call": _call,
         }[args.command]
         return handler(cfg, args)
     except VoicebotError as exc:
@@ -293,6 +342,78 @@ def _simulate(cfg: Config, args: argparse.Namespace) -> int:
             print(line)
         if res.recording:
             print(f"recording: {res.recording}")
+    return 0
+
+
+# --- serve and calls ---
+
+
+def _serve(cfg: Config, args: argparse.Namespace) -> int:
+    from .config import parse_hostport
+    from .hours import WorkingHours, parse_at
+    from .server import serve
+
+    if args.workers < 1:
+        raise VoicebotError("--workers must be 1 or more")
+    if args.listen:
+        parse_hostport(args.listen)
+    at = parse_at(args.at, WorkingHours.from_config(cfg.hours).tz) if args.at else None
+    return serve(cfg, workers=args.workers, listen=args.listen, at=at)
+
+
+def _calls(cfg: Config, args: argparse.Namespace) -> int:
+    from .store import Store
+
+    store = Store.from_config(cfg)
+    records = store.calls(last=args.last)
+    if args.json:
+        for r in records:
+            print(json.dumps(r.to_json(), ensure_ascii=False))
+        return 0
+    if not records:
+        print("no calls recorded yet")
+    for r in records:
+        path = " > ".join(r.path) or "-"
+        print(f"{r.started_at or '?':<29} {r.id}  {r.caller or '?'} -> {r.dialled or '?'}  "
+              f"{r.language or '-':<3} {r.result or 'in progress':<11} {path}")
+        if r.recording:
+            print(f"{'':<29} recording: {r.recording}")
+    return 0
+
+
+def _call(cfg: Config, args: argparse.Namespace) -> int:
+    from .softphone import Softphone
+
+    phone = Softphone(cfg, args.uri, args.inputs, language=args.lang, barge_in_ms=args.barge_in,
+                      dtmf_method=args.dtmf, record=Path(args.record) if args.record else None,
+                      timeout_s=args.timeout)
+    res = phone.run()
+    if not res.connected:
+        print(f"error: the call to {args.uri} did not connect ({res.status} {res.reason})",
+              file=sys.stderr)
+        return 1
+    keys = ("node", "prompt", "input", "heard", "confidence", "option", "language", "result",
+            "barge_in", "latency_ms", "prompt_text")
+    if res.records:
+        rows = [{k: t.get(k) for k in keys} for t in res.records]
+    else:  # the bot's records are elsewhere: report what this end observed
+        kinds = {"press": "dtmf", "say": "speech", "say_wav": "speech", "silent": "none"}
+        rows = [{"node": None, "prompt": None, "input": kinds[o.input.kind],
+                 "heard": o.input.value, "confidence": None, "option": None,
+                 "reply_after_ms": None if o.reply_start_ms is None
+                 else round(o.reply_start_ms - o.sent_ms)} for o in res.observed]
+    if args.json:
+        for row in rows:
+            print(json.dumps(row, ensure_ascii=False))
+    else:
+        for row in rows:
+            print(f"{row['node'] or '?':<9} {row['input']:<6} {row['heard']!s:<12} -> "
+                  f"{row['option'] or '-':<26} {row['prompt'] or ''}: "
+                  f"{row.get('prompt_text') or ''}")
+        summary = res.call_record or {}
+        print(f"call {res.sip_call_id}: {summary.get('result', 'ended')}, "
+              f"{res.duration_ms / 1000:.1f} s" + (f", recording {res.recording}"
+                                                   if res.recording else ""))
     return 0
 
 

@@ -129,7 +129,54 @@ class DialogConfig:
 class OperatorConfig:
     """Where calls for a person go."""
 
-    uri: str = "sip:operator@127.0.0.1:5070"
+    uri: str = "sip:operator@127.0.0.1:5099"
+
+
+@dataclass
+class RegistrationConfig:
+    """Optional registration to a PBX or trunk (digest credentials)."""
+
+    registrar: str = ""  # e.g. sip:pbx.example.org; empty: no registration
+    id_uri: str = ""  # e.g. sip:919@pbx.example.org
+    username: str = ""
+    password: str = ""
+    realm: str = "*"
+    expires_s: int = 300
+
+
+@dataclass
+class SipConfig:
+    """The SIP edge: where voicebot listens and which calls it takes."""
+
+    listen: str = "127.0.0.1:5060"  # public address: the endpoint, or Kamailio with workers
+    transports: list[str] = field(default_factory=lambda: ["udp", "tcp"])
+    numbers: list[str] = field(default_factory=lambda: ["919"])  # dialled numbers answered
+    max_calls: int = 4  # per worker process; pjsua2-python is built for 4
+    codecs: list[str] = field(default_factory=lambda: ["G722", "PCMU", "PCMA"])
+    clock_rate: int = 16000  # conference bridge rate (Hz); 16000 keeps G.722 wideband
+    worker_port: int = 5100  # first worker's SIP port when --workers > 1
+    rtp_port: int = 40000  # first RTP port of this host
+    rtp_ports_per_worker: int = 200
+    no_rtp_timeout_s: float = 20.0  # hang up when no RTP arrives for this long
+    shutdown_grace_s: float = 15.0  # on SIGTERM, time calls get to end politely
+    user_agent: str = "voicebot"
+    registration: RegistrationConfig = field(default_factory=RegistrationConfig)
+
+
+@dataclass
+class StoreConfig:
+    """Call records."""
+
+    path: str = "var/voicebot.sqlite"  # SQLite (WAL) file shared by the workers of a host
+    dsn: str = ""  # postgresql://user:pass@host/db for several hosts (needs psycopg)
+
+
+@dataclass
+class RecordingConfig:
+    """Call recordings: both directions mixed, WAV, from the end of the recording notice."""
+
+    enabled: bool = True
+    folder: str = "var/recordings"
 
 
 @dataclass
@@ -146,6 +193,9 @@ class Config:
     nlu: NluConfig = field(default_factory=NluConfig)
     dialog: DialogConfig = field(default_factory=DialogConfig)
     operator: OperatorConfig = field(default_factory=OperatorConfig)
+    sip: SipConfig = field(default_factory=SipConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    recording: RecordingConfig = field(default_factory=RecordingConfig)
     base: Path = field(default=PROJECT_ROOT, metadata={"internal": True})
     source: str = field(default="(defaults)", metadata={"internal": True})
 
@@ -267,11 +317,40 @@ def validate(cfg: Config) -> list[DataError]:
         errs.append(DataError(f, "nlu", "need 0 < confirm <= accept <= 1"))
     if cfg.dialog.max_retries < 0:
         errs.append(DataError(f, "dialog.max_retries", "must be 0 or more"))
+    if not 1 <= cfg.sip.max_calls <= 4:
+        errs.append(DataError(f, "sip.max_calls", "must be 1 to 4: pjsua2-python holds 4 calls "
+                              "per process; run more workers (serve --workers N) for more"))
+    try:
+        parse_hostport(cfg.sip.listen)
+    except ValueError as exc:
+        errs.append(DataError(f, "sip.listen", str(exc)))
+    for t in cfg.sip.transports:
+        if t not in ("udp", "tcp"):
+            errs.append(DataError(f, "sip.transports", f"{t!r}: use udp and/or tcp"))
+    for c in cfg.sip.codecs:
+        if c.upper() not in ("PCMU", "PCMA", "G722"):
+            errs.append(DataError(f, "sip.codecs", f"{c!r}: voicebot speaks PCMU, PCMA, G722"))
+    if cfg.sip.clock_rate not in (8000, 16000):
+        errs.append(DataError(f, "sip.clock_rate", "must be 8000 or 16000"))
     try:
         WorkingHours.from_config(cfg.hours)
     except ValueError as exc:
         errs.append(DataError(f, "hours", str(exc)))
     return errs
+
+
+def parse_hostport(text: str, default_port: int = 5060) -> tuple[str, int]:
+    """'127.0.0.1:5060' -> ('127.0.0.1', 5060); ValueError says what is wrong."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = text, str(default_port)
+    try:
+        p = int(port)
+    except ValueError:
+        raise ValueError(f"{text!r}: port {port!r} is not a number (use HOST:PORT)") from None
+    if not host or not 0 < p < 65536:
+        raise ValueError(f"{text!r}: use HOST:PORT, e.g. 127.0.0.1:5060")
+    return host, p
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:

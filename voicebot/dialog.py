@@ -103,8 +103,17 @@ class TransferFailed:
     reason: str = ""
 
 
+@dataclass(frozen=True)
+class EndCall:
+    """The bot must end the call (service shutting down, maximum call length):
+    say so, then hang up. reason: shutdown, max_duration."""
+
+    t_ms: float
+    reason: str
+
+
 Event = (CallStarted | DtmfReceived | SpeechStarted | SpeechRecognized | PromptFinished
-         | InputTimeout | CallerHungUp | TransferFailed)
+         | InputTimeout | CallerHungUp | TransferFailed | EndCall)
 
 # --- actions (out) -----------------------------------------------------------------------
 
@@ -221,7 +230,7 @@ class DialogSettings:
     confirm: float = 0.40
     max_retries: int = 2
     no_input_ms: int = 6000
-    operator_uri: str = "sip:operator@127.0.0.1:5070"
+    operator_uri: str = "sip:operator@127.0.0.1:5099"
 
 
 @dataclass
@@ -302,6 +311,8 @@ class DialogEngine:
                 return self._on_timeout(event)
             case TransferFailed():
                 return self._on_transfer_failed(event)
+            case EndCall():
+                return self._on_end_call()
         return []
 
     # -- helpers building prompts --
@@ -397,7 +408,6 @@ class DialogEngine:
             actions.append(Transfer(self.s.operator_uri, lang))
         elif self.st.mode == "closing" and not self.st.playing:
             self.st.mode = "ended"
-            self.st.served = True  # the bot ended the call itself, politely
             actions.append(HangUp("goodbye"))
         elif barge_in is False and self.st.typeahead:
             # Keys pressed during the recording notice act now, in order.
@@ -492,6 +502,14 @@ class DialogEngine:
         return [self._turn(ev.t_ms, "none", "", None, None, "no_input", out, False, None, node,
                            lang), *out]
 
+    def _on_end_call(self) -> list[Action]:
+        if self.st.mode in ("closing", "transfer"):
+            return []
+        stop = self._stop("call ending")
+        self.st.mode = "closing"
+        return [*stop, StopListening(),
+                self._play((self._prompt("call_ending"),), barge_in=False, remember=False)]
+
     def _on_transfer_failed(self, ev: TransferFailed) -> list[Action]:
         if self.st.mode != "transfer":
             return []
@@ -565,6 +583,7 @@ class DialogEngine:
                     StopListening()]
         if self.st.escalations > 1:
             self.st.mode = "closing"
+            self.st.served = True  # the bot ends the call itself, politely
             return [self._play((*lead, self._prompt("goodbye")), barge_in=False),
                     StopListening()]
         return self._go_menu(self.menu.fallback, (*lead, self._prompt("escalate_info")))

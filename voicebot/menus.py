@@ -38,6 +38,7 @@ SYSTEM_PROMPTS: dict[str, frozenset[str]] = {
     "no_input": frozenset(),
     "escalate_info": frozenset(),
     "goodbye": frozenset(),
+    "call_ending": frozenset(),
 }
 
 ACTIONS = ("operator",)

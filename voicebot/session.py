@@ -203,6 +203,8 @@ class CallSession:
         self.played: list[PlayedPrompt] = []
         self.result: str | None = None  # completed, transferred, abandoned
         self.ended = threading.Event()
+        self.notice_done = threading.Event()  # the recording notice has been said in full
+        self._notice_play: int | None = None
         self.stats = CallStats()
         self._idle = threading.Condition()
         self._busy = 0
@@ -220,8 +222,12 @@ class CallSession:
         return self.player.pull(n)
 
     def post(self, event: Event) -> None:
-        """Hand a signalling event (RFC 4733 key, hang-up, transfer result) to the worker."""
+        """Hand a signalling event (hang-up, transfer result, end of call) to the worker."""
         self._enqueue("event", event)
+
+    def post_digit(self, digit: str, method: str) -> None:
+        """A key from signalling (RFC 4733 or SIP INFO); the worker times and de-duplicates it."""
+        self._enqueue("digit", (digit, method))
 
     def _enqueue(self, kind: str, item: object) -> None:
         with self._idle:
@@ -273,6 +279,9 @@ class CallSession:
                     return
                 if kind == "frame":
                     self._on_frame(item)  # type: ignore[arg-type]
+                elif kind == "digit":
+                    digit, method = item  # type: ignore[misc]
+                    self._digit(digit, self._now_ms, method)
                 else:
                     self._dispatch(item)  # type: ignore[arg-type]
             except Exception:
@@ -376,6 +385,8 @@ class CallSession:
                 self._do(action)
             if self._on_action is not None:
                 self._on_action(action)
+        if isinstance(event, PromptFinished) and event.play_id == self._notice_play:
+            self.notice_done.set()
         if isinstance(event, CallerHungUp):
             self._finish(self.engine.outcome)
 
@@ -393,6 +404,8 @@ class CallSession:
                 self._finish(self.engine.outcome)
 
     def _play(self, play: Play) -> None:
+        if any(p.key == "welcome" for p in play.prompts):
+            self._notice_play = play.play_id
         gap = np.zeros(self.sample_rate * PROMPT_GAP_MS // 1000, dtype=np.int16)
         parts: list[np.ndarray] = []
         marks: list[tuple[int, object]] = []
