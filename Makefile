@@ -11,6 +11,9 @@ ARGS ?=
 .PHONY: run test setup system-deps venv prompts intents lint clean demo
 
 run: setup
+	$(VB) serve $(ARGS)
+
+demo: setup
 	$(VB) simulate --press 3 --press 1 --press 2 $(ARGS)
 
 test: setup

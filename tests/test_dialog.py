@@ -227,6 +227,8 @@ def test_barge_in_stops_menu_but_not_recording_notice(grammars, cfg):  # type: i
     assert welcome.barge_in is False and menu.barge_in is True
     assert c.send(SpeechStarted(300)) == []  # the recording notice plays on
     assert c.send(DtmfReceived("2", 500)) == []  # kept as type-ahead
+    # A whole utterance over the notice is ignored and does not lose the key typed ahead.
+    assert c.send(SpeechRecognized(1500, "ko", "나비", 1.0, None, 0.0, 1400)) == []
     c.queue.pop(0)
     out = c.send(PromptFinished(welcome.play_id, 2000))
     assert any(isinstance(a, StopPlayback) for a in out)  # the menu is cut short

@@ -105,7 +105,8 @@ def _parser() -> argparse.ArgumentParser:
     call.add_argument("--lang", help="voice for --say (default: the language chosen by key, or "
                                      "the pack whose keyword it is)")
     call.add_argument("--barge-in", nargs="?", const=1500, type=int, metavar="MS",
-                      help="speak MS ms into each prompt instead of after it (1500)")
+                      help="give each input after the first MS ms into the bot's reply "
+                           "instead of after it (1500)")
     call.add_argument("--dtmf", default="rfc4733", choices=["rfc4733", "info", "inband"],
                       help="how keys are sent (default RFC 4733 telephone-events)")
     call.add_argument("--record", metavar="FILE", help="write both directions to a WAV file")
@@ -404,7 +405,7 @@ def _call(cfg: Config, args: argparse.Namespace) -> int:
                  else round(o.reply_start_ms - o.sent_ms)} for o in res.observed]
     if args.json:
         for row in rows:
-            print(json.dumps(row, ensure_ascii=False))
+            print(json.dumps({**row, "sip_call_id": res.sip_call_id}, ensure_ascii=False))
     else:
         for row in rows:
             print(f"{row['node'] or '?':<9} {row['input']:<6} {row['heard']!s:<12} -> "

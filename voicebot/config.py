@@ -153,7 +153,10 @@ class SipConfig:
     numbers: list[str] = field(default_factory=lambda: ["919"])  # dialled numbers answered
     max_calls: int = 4  # per worker process; pjsua2-python is built for 4
     codecs: list[str] = field(default_factory=lambda: ["G722", "PCMU", "PCMA"])
-    clock_rate: int = 16000  # conference bridge rate (Hz); 16000 keeps G.722 wideband
+    # Conference bridge rate (Hz). 8000: PCMU/PCMA audio reaches the recogniser untouched;
+    # a 16 kHz bridge resamples it up and down again, which cuts 3.4-4 kHz and made the
+    # Korean model miss short keywords over SIP. 16000 keeps G.722 calls wideband.
+    clock_rate: int = 8000
     worker_port: int = 5100  # first worker's SIP port when --workers > 1
     rtp_port: int = 40000  # first RTP port of this host
     rtp_ports_per_worker: int = 200

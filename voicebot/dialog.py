@@ -461,6 +461,11 @@ class DialogEngine:
     def _on_speech(self, ev: SpeechRecognized) -> list[Action]:
         if self.st.mode not in ("menu", "confirm"):
             return []
+        if self.st.playing and not all(self.st.playing.values()):
+            # Talking over the recording notice is not an answer (keys typed ahead are):
+            # the notice plays on and the keys pressed during it still count.
+            self.st.barged = False
+            return []
         barge = bool(self.st.playing) or self.st.barged
         self.st.barged = False
         actions = self._stop("barge-in: speech")

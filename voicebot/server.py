@@ -18,6 +18,7 @@ import contextlib
 import datetime as dt
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -110,6 +111,22 @@ def write_kamailio_config(cfg: Config, workers: int, listen: str, folder: Path) 
     return out
 
 
+def pss_mb(pids: list[int]) -> float:
+    """Sum of the proportional set size of ``pids`` (MB): shared pages counted once overall.
+
+    RSS would count the copy-on-write model pages once per worker; PSS splits each page
+    among the processes sharing it, so the sum is what the host really spends."""
+    total_kb = 0
+    for pid in pids:
+        try:
+            text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        m = re.search(r"^Pss:\s+(\d+) kB", text, re.M)
+        total_kb += int(m.group(1)) if m else 0
+    return total_kb / 1024
+
+
 class Supervisor:
     """The master process: forks workers, runs Kamailio, restarts what dies."""
 
@@ -163,7 +180,13 @@ class Supervisor:
             self._fork(i)
         if self.workers > 1:
             self._start_kamailio()
+        memory_at = time.monotonic() + 5.0
         while not self.stop.is_set():
+            if memory_at and time.monotonic() > memory_at:
+                memory_at = 0.0
+                pids = [os.getpid(), *self.pids]
+                log.info("memory: %.0f MB PSS over %d voicebot processes (models loaded once, "
+                         "shared by the workers)", pss_mb(pids), len(pids))
             self._reap(restart=True)
             if self.kamailio is not None and self.kamailio.poll() is not None:
                 log.error("kamailio exited (%s); restarting it", self.kamailio.returncode)
@@ -222,7 +245,10 @@ def serve(cfg: Config, workers: int = 1, listen: str | None = None,
     number = cfg.sip.numbers[0]
     print(f"voicebot: listening on sip:{number}@{host}:{port} ({'+'.join(cfg.sip.transports)}),"
           f" {workers} worker(s) x {cfg.sip.max_calls} calls", flush=True)
-    print(f"voicebot: call it with: voicebot call sip:{number}@{host}:{port} --press 3 "
+    # `make run` starts us from .venv/bin, which is usually not on the PATH of the terminal
+    # the user calls from: print a command that works there.
+    exe = "voicebot" if shutil.which("voicebot") else str(Path(sys.argv[0]).resolve())
+    print(f"voicebot: call it with: {exe} call sip:{number}@{host}:{port} --press 3 "
           "--press 2 --json", flush=True)
     if workers == 1:
         stop = threading.Event()

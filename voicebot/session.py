@@ -374,9 +374,11 @@ class CallSession:
         actions = self.engine.handle(event)
         # The engine logs a turn just before the play that answers it; the turn is emitted
         # once that play's first sample goes out, which is when its latency is known.
-        reply = next((a.play_id for a in actions if isinstance(a, Play)), None)
-        for action in actions:
+        for i, action in enumerate(actions):
             if isinstance(action, LogTurn):
+                # Its reply is the first play after it (keys typed ahead during the welcome
+                # come out as several turns, each with its own reply, in one batch).
+                reply = next((a.play_id for a in actions[i + 1:] if isinstance(a, Play)), None)
                 if reply is None:
                     self._emit_turn(action.turn)
                 else:
@@ -395,7 +397,14 @@ class CallSession:
             case Play():
                 self._play(action)
             case StopPlayback():
-                self.player.stop()
+                stopped = set(self.player.stop())
+                # A reply cut before its first sample went out has no latency to wait for.
+                cut = [(t, p) for t, p in self._pending_turns
+                       if p in stopped and p not in self._play_started_ms]
+                if cut:
+                    self._pending_turns = [tp for tp in self._pending_turns if tp not in cut]
+                    for turn, _ in cut:
+                        self._emit_turn(turn)
             case Listen():
                 self._listen(action)
             case StopListening():

@@ -138,7 +138,7 @@ class _Call(pj.Call):
             if mi.type == pj.PJMEDIA_TYPE_AUDIO and mi.status == pj.PJSUA_CALL_MEDIA_ACTIVE:
                 media = self.getAudioMedia(mi.index)
                 if self.port is None:
-                    rate, _ = stream_rate(self, mi.index)
+                    rate, _ = stream_rate(self, mi.index, 8000)
                     self.audio = _Audio(rate)
                     self.port = MediaPort(self.audio.sink, self.audio.source, rate, "softphone")
                     self.port.create()
@@ -208,6 +208,10 @@ class Softphone:
         ec.logConfig.consoleLevel = 1
         ec.medConfig.ecTailLen = 0
         ec.medConfig.noVad = True
+        # A phone's own audio path is 8 kHz: a 16 kHz bridge would resample the caller's
+        # speech twice more before the codec, each time cutting into the 3.4-4 kHz band.
+        ec.medConfig.clockRate = 8000
+        ec.medConfig.sndClockRate = 8000
         ep.libInit(ec)
         tc = pj.TransportConfig()
         tc.port = 0
@@ -278,9 +282,12 @@ class Softphone:
         deadline = started + self.timeout_s
         current_lang: str | None = None
         last_reply_mark = 0.0
-        for inp in self.inputs:
+        for i, inp in enumerate(self.inputs):
             remaining = max(1.0, deadline - time.monotonic())
-            if self.barge_in_ms is not None:
+            # The first input waits for the bot to finish: the welcome carries the recording
+            # notice, which cannot be interrupted, and the language menu follows it with no
+            # pause a listener could tell from a pause between sentences.
+            if self.barge_in_ms is not None and i > 0:
                 # Speak this long into the bot's next prompt.
                 def into_prompt(m: float = last_reply_mark) -> bool:
                     onset = audio.onset_after(m)

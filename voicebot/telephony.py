@@ -175,10 +175,14 @@ def create_endpoint() -> pj.Endpoint:
     return ep
 
 
-def stream_rate(call: pj.Call, media_index: int) -> tuple[int, str]:
-    """(sample rate for our port, codec name) of a call's audio stream."""
+def stream_rate(call: pj.Call, media_index: int, bridge_rate: int = 16000) -> tuple[int, str]:
+    """(sample rate for our port, codec name) of a call's audio stream.
+
+    Never above the bridge's rate: audio the bridge has brought down to 8 kHz gains nothing
+    from being brought back up."""
     stream = call.getStreamInfo(media_index)
-    return (16000 if stream.codecClockRate >= 16000 else 8000), str(stream.codecName)
+    rate = 16000 if stream.codecClockRate >= 16000 else 8000
+    return min(rate, bridge_rate), str(stream.codecName)
 
 
 def _user_of(uri: str) -> str:
@@ -246,7 +250,7 @@ class BotCall(pj.Call):
             audio = self.getAudioMedia(mi.index)
             self.media_index = mi.index
             if self.session is None:
-                rate, codec = stream_rate(self, mi.index)
+                rate, codec = stream_rate(self, mi.index, self.tel.cfg.sip.clock_rate)
                 self.tel.log_event(self, "media", f"codec={codec}/{rate}")
                 session = self.tel.core.session(self.id, rate, on_action=self._on_action,
                                                 on_turn=self._on_turn)
@@ -589,8 +593,10 @@ class Telephony:
             except OSError as exc:
                 log.error("call=%s recording not saved: %s", call.id, exc)
         self.store.call_ended(call.id, result, language, recording, call.ended_by, call.reason)
+        rx = call.port.rx_frames if call.port is not None else 0
         self.log_event(call, "ended", f"result={result} by={call.ended_by} "
-                                      f"reason={call.reason or '-'} recording={recording}")
+                                      f"reason={call.reason or '-'} recording={recording} "
+                                      f"rx_frames={rx}")
         if call.port is not None:
             call.port = None
         call.session = None
