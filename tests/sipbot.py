@@ -7,6 +7,7 @@ bot on 5060 at the same time) do not collide. Readiness is a real SIP OPTIONS pi
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,43 +138,42 @@ class Bot:
         return self.stopped_code
 
 
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(str(v), ensure_ascii=False)
+
+
 def write_config(folder: Path, port: int, extra: str = "") -> Path:
-    """A config for a test bot: the project's packs and models, private var/ and ports."""
+    """A config for a test bot: the project's packs and models, private var/ and ports.
+
+    ``extra`` is TOML whose keys override these (e.g. ``[sip]\nmax_calls = 1``)."""
     folder.mkdir(parents=True, exist_ok=True)
-    rtp = random.randrange(30000, 44000, 1000)
-    worker_port = free_udp_port(31000, 39000) // 10 * 10
-    text = f"""
-[paths]
-grammars = "{PROJECT_ROOT / 'grammars'}"
-models = "{PROJECT_ROOT / 'models'}"
-audio = "{PROJECT_ROOT / 'audio'}"
-var = "{folder / 'var'}"
-
-[store]
-path = "{folder / 'var' / 'voicebot.sqlite'}"
-
-[recording]
-folder = "{folder / 'var' / 'recordings'}"
-"""
-    sections = {"sip": f'listen = "127.0.0.1:{port}"\nrtp_port = {rtp}\n'
-                       f"rtp_ports_per_worker = 100\nworker_port = {worker_port}\n"
-                       "shutdown_grace_s = 8.0\n"}
-    # Merge [sip] keys given in `extra` into the one [sip] table TOML allows.
-    rest = []
-    current = None
-    for line in extra.strip().splitlines():
-        if line.strip().startswith("["):
-            current = line.strip()[1:-1]
-            if current == "sip":
-                continue
-            rest.append(line)
-        elif current == "sip":
-            sections["sip"] += line + "\n"
-        else:
-            rest.append(line)
-    text += "\n[sip]\n" + sections["sip"] + "\n" + "\n".join(rest) + "\n"
+    var = folder / "var"
+    tables: dict[str, dict[str, Any]] = {
+        "paths": {"grammars": str(PROJECT_ROOT / "grammars"),
+                  "models": str(PROJECT_ROOT / "models"),
+                  "audio": str(PROJECT_ROOT / "audio"), "var": str(var)},
+        "store": {"path": str(var / "voicebot.sqlite")},
+        "recording": {"folder": str(var / "recordings")},
+        "sip": {"listen": f"127.0.0.1:{port}", "rtp_port": random.randrange(30000, 44000, 1000),
+                "rtp_ports_per_worker": 100,
+                "worker_port": free_udp_port(31000, 39000) // 10 * 10,
+                "shutdown_grace_s": 8.0},
+    }
+    for name, values in tomllib.loads(extra).items():
+        tables.setdefault(name, {}).update(values)
+    lines = []
+    for name, values in tables.items():
+        lines.append(f"[{name}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in values.items())
+        lines.append("")
     path = folder / "voicebot.toml"
-    path.write_text(text, encoding="utf-8")
+    path.write_text("\n".join(lines), encoding="utf-8")
     return path
 
 

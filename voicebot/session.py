@@ -329,7 +329,7 @@ class CallSession:
         self._last_digit = (digit, t_ms, method)
         if self._utt is not None:
             self._utt.masked = True
-        self._dispatch(DtmfReceived(digit, t_ms, method))
+        self._dispatch_timing_barge_in(DtmfReceived(digit, t_ms, method), t_ms)
 
     def _speech_started(self, ev: VadSpeechStarted) -> None:
         langs = self.listen.languages if self.listen else ()
@@ -338,10 +338,16 @@ class CallSession:
         if not masked:
             for lang in langs:
                 self._recognizers[lang].accept(ev.preroll)
-            stopped_before = self.player.busy
-            self._dispatch(SpeechStarted(ev.at_ms))
-            if stopped_before and not self.player.busy:
-                self.stats.barge_in_ms.append(self.player.tx_ms - ev.at_ms)
+            self._dispatch_timing_barge_in(SpeechStarted(ev.at_ms), ev.at_ms)
+
+    def _dispatch_timing_barge_in(self, event: Event, heard_ms: float) -> None:
+        """Dispatch; if the input cut a prompt, note how long after ``heard_ms`` it went quiet
+        (tx media time of the stop; the two media clocks start within a frame of each other)."""
+        busy, before = self.player.busy, self.player.stopped_at_ms
+        self._dispatch(event)
+        after = self.player.stopped_at_ms
+        if busy and after is not None and after != before:
+            self.stats.barge_in_ms.append(max(0.0, after - heard_ms))
 
     def _utterance_ended(self, ev: UtteranceEnded) -> None:
         utt, self._utt = self._utt, None

@@ -119,8 +119,16 @@ class Store:
                                     "file away or set [store] path to a new file") from None
             self._ph = "?"
         with self._lock:
-            for stmt in SCHEMA:
-                self._conn.execute(stmt)
+            if dsn:
+                # Workers start together; PostgreSQL's CREATE ... IF NOT EXISTS is not safe
+                # against a concurrent twin (duplicate pg_type rows), so serialise it.
+                self._conn.execute("SELECT pg_advisory_lock(919001)")
+            try:
+                for stmt in SCHEMA:
+                    self._conn.execute(stmt)
+            finally:
+                if dsn:
+                    self._conn.execute("SELECT pg_advisory_unlock(919001)")
 
     @classmethod
     def from_config(cls, cfg: Any) -> Store:

@@ -594,9 +594,10 @@ class Telephony:
                 log.error("call=%s recording not saved: %s", call.id, exc)
         self.store.call_ended(call.id, result, language, recording, call.ended_by, call.reason)
         rx = call.port.rx_frames if call.port is not None else 0
+        barge = [round(ms) for ms in session.stats.barge_in_ms] if session is not None else []
         self.log_event(call, "ended", f"result={result} by={call.ended_by} "
                                       f"reason={call.reason or '-'} recording={recording} "
-                                      f"rx_frames={rx}")
+                                      f"rx_frames={rx} barge_in_ms={barge}")
         if call.port is not None:
             call.port = None
         call.session = None
