@@ -206,8 +206,13 @@ def start_bot(folder: Path, *, workers: int = 1, at: str | None = "2026-11-23T10
 
 def sipp(scenario: str, bot: Bot, *, calls: int = 1, rate: float = 1.0, limit: int | None = None,
          service: str | None = None, timeout: float = 120.0, extra: list[str] | None = None,
-         folder: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Run a sipp scenario from tests/sipp against the bot; sipp's own pass/fail is the code."""
+         folder: Path | None = None, call_id: str | None = None,
+         ) -> subprocess.CompletedProcess[str]:
+    """Run a sipp scenario from tests/sipp against the bot; sipp's own pass/fail is the code.
+
+    ``call_id``: a unique prefix for sipp's Call-IDs, so a test finds its own records: call n
+    gets ``sipp_call_id(call_id, n)``.
+    """
     folder = folder or bot.folder
     sport = free_udp_port(45000, 50000)
     mport = random.randrange(50000, 60000, 10)
@@ -217,8 +222,15 @@ def sipp(scenario: str, bot: Bot, *, calls: int = 1, rate: float = 1.0, limit: i
            "-r", str(rate), "-nostdin", "-trace_err",
            "-error_file", str(folder / f"sipp-{scenario}-{sport}-errors.log"),
            "-timeout", f"{int(timeout)}s", "-timeout_error", *(extra or [])]
+    if call_id:
+        cmd += ["-cid_str", f"{call_id}-%u@%s"]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 30,
                           cwd=str(SIPP_SCENARIOS))
+
+
+def sipp_call_id(call_id: str, n: int = 1) -> str:
+    """The Call-ID of sipp's call ``n`` when it ran with ``call_id`` (local address 127.0.0.1)."""
+    return f"{call_id}-{n}@127.0.0.1"
 
 
 def sipp_call_ids(bot: Bot, before: set[str]) -> list[CallRecord]:

@@ -185,6 +185,22 @@ def stream_rate(call: pj.Call, media_index: int, bridge_rate: int = 16000) -> tu
     return min(rate, bridge_rate), str(stream.codecName)
 
 
+def _wait_wav_header(path: Path, timeout: float = 2.0) -> bool:
+    """Wait until PJSIP's WAV writer has filled in the RIFF size (0 while recording)."""
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            with path.open("rb") as f:
+                head = f.read(8)
+        except OSError:
+            return False
+        if len(head) == 8 and head[:4] == b"RIFF" and int.from_bytes(head[4:], "little"):
+            return True
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.005)
+
+
 def _user_of(uri: str) -> str:
     m = re.search(r"sips?:([^@;>\s]+)@", uri)
     return m.group(1) if m else ""
@@ -235,6 +251,11 @@ class BotCall(pj.Call):
             self.tel.store.call_answered(self.id)
         elif info.state == pj.PJSIP_INV_STATE_DISCONNECTED:
             self.disconnected = True
+            if (self.accepted and not self.answered_at and not self.reason
+                    and info.lastStatusCode == 408):
+                # Our 200 OK was never ACKed: PJSIP gave up (64*T1) and sent BYE itself.
+                self.reason = "no_ack"
+                self.ended_by = "bot"
             self.tel.log_event(self, "disconnected", f"code={info.lastStatusCode} "
                                                      f"reason={info.lastReason!r}")
             self.tel.finished.put(self)
@@ -330,6 +351,8 @@ class Telephony:
         self.finished: queue.Queue[BotCall] = queue.Queue()
         self.calls: dict[str, BotCall] = {}
         self.rejected: list[BotCall] = []
+        # Ended calls whose pjsua slot was taken by a new call before they could be deleted.
+        self.dead: list[BotCall] = []
         self.stopping = False
         self.ep: pj.Endpoint | None = None
         self.acc: _Account | None = None
@@ -431,6 +454,7 @@ class Telephony:
             # Every pjsua2 object goes before the library does (see softphone.run).
             self.calls.clear()
             self.rejected.clear()
+            self.dead.clear()
             self.acc = None
             gc.collect()
             self.ep.libDestroy()
@@ -522,6 +546,8 @@ class Telephony:
             self._hangup(call, 200, reason)
 
     def _housekeeping(self, t: float) -> None:
+        for dead in list(self.dead):
+            self._release(dead)
         for call in list(self.calls.values()):
             if call.disconnected or call.session is None:
                 continue
@@ -571,6 +597,7 @@ class Telephony:
         """After DISCONNECTED: finish the session, save the recording, complete the record."""
         if call in self.rejected:
             self.rejected.remove(call)
+            self._release(call)
             return
         self.calls.pop(call.id, None)
         session = call.session
@@ -587,6 +614,11 @@ class Telephony:
         recording = None
         if call.recorder is not None and call.rec_part is not None and call.rec_path:
             call.recorder = None  # destroying the recorder writes the WAV header
+            # ...but PJSIP 2.15 removes conference ports on its clock thread, so the header
+            # lands a tick or two later: publish the file only once it is a complete WAV.
+            if not _wait_wav_header(call.rec_part):
+                log.warning("call=%s recording header not written in time: %s", call.id,
+                            call.rec_part)
             try:
                 os.replace(call.rec_part, call.rec_path)
                 recording = str(call.rec_path)
@@ -601,3 +633,21 @@ class Telephony:
         if call.port is not None:
             call.port = None
         call.session = None
+        self._release(call)
+
+    def _release(self, call: BotCall) -> None:
+        """Delete an ended call's pjsua2 object now, while no other call holds its slot.
+
+        pjsua2's ~Call never forgets its slot number: deleting it detaches and hangs up
+        whatever call holds that slot by then. Left to Python's garbage collector (the
+        session's callbacks form a reference cycle with the call), it ran seconds later and
+        killed a new call in the reused slot, which then never reported DISCONNECTED: a 603
+        or BYE to a fresh caller and a record that never ended.
+        """
+        if call.isActive():  # the slot already holds a new call: wait until it is free
+            if call not in self.dead:
+                self.dead.append(call)
+            return
+        if call in self.dead:
+            self.dead.remove(call)
+        pj.Call.__swig_destroy__(call)  # deletes the C++ object and disowns the proxy
