@@ -30,7 +30,8 @@ def call_ids(outs: list[subprocess.CompletedProcess[str]]) -> list[str]:
     ids = []
     for out in outs:
         assert out.returncode == 0, out.stderr[-2000:]
-        rows = [json.loads(line) for line in out.stdout.splitlines()]
+        rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+        assert len(rows) == len(out.stdout.splitlines()), f"stray output: {out.stdout}"
         assert [r["option"] for r in rows] == ["lang.en", "main.hours"], out.stdout
         ids.append(rows[0]["sip_call_id"])
     return ids

@@ -390,8 +390,9 @@ def _call(cfg: Config, args: argparse.Namespace) -> int:
                       timeout_s=args.timeout)
     res = phone.run()
     if not res.connected:
-        print(f"error: the call to {args.uri} did not connect ({res.status} {res.reason})",
-              file=sys.stderr)
+        why = (f"{res.status} {res.reason}" if res.status else
+               "no answer: is voicebot serve running at that address?")
+        print(f"error: the call to {args.uri} did not connect ({why})", file=sys.stderr)
         return 1
     keys = ("node", "prompt", "input", "heard", "confidence", "option", "language", "result",
             "barge_in", "latency_ms", "prompt_text")

@@ -31,7 +31,7 @@ from .frames import AudioFrame, read_audio, resample, rms_dbfs, silence, write_w
 from .menus import Grammars, load_grammars, normalize_text
 from .simulator import CALLER_LEVEL_DBFS, CALLER_RATE_WPM, CallerInput
 from .store import Store
-from .telephony import MediaPort, create_endpoint, stream_rate
+from .telephony import MediaPort, create_endpoint, log_config, stream_rate
 from .tts import PromptCache
 
 log = logging.getLogger("voicebot.softphone")
@@ -204,8 +204,7 @@ class Softphone:
         ec.uaConfig.threadCnt = 0
         ec.uaConfig.mainThreadOnly = True
         ec.uaConfig.userAgent = "voicebot-softphone"
-        ec.logConfig.level = 1
-        ec.logConfig.consoleLevel = 1
+        log_config(ec)
         ec.medConfig.ecTailLen = 0
         ec.medConfig.noVad = True
         # A phone's own audio path is 8 kHz: a 16 kHz bridge would resample the caller's

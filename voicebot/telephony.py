@@ -175,6 +175,25 @@ def create_endpoint() -> pj.Endpoint:
     return ep
 
 
+class _PjLog(pj.LogWriter):
+    """PJSIP's log lines into Python logging (stderr): stdout belongs to --json output."""
+
+    def write(self, entry: Any) -> None:
+        level = logging.WARNING if int(entry.level) <= 1 else logging.DEBUG
+        logging.getLogger("voicebot.pjsip").log(level, "%s", str(entry.msg).rstrip())
+
+
+_PJ_LOG = _PjLog()  # one for the process: PJSIP keeps a pointer to it
+
+
+def log_config(ec: Any, level: int = 1) -> None:
+    """Route PJSIP's logging through :class:`_PjLog` at ``level`` (errors only by default)."""
+    ec.logConfig.level = level
+    ec.logConfig.consoleLevel = level
+    ec.logConfig.writer = _PJ_LOG
+    ec.logConfig.decor = 0
+
+
 def stream_rate(call: pj.Call, media_index: int, bridge_rate: int = 16000) -> tuple[int, str]:
     """(sample rate for our port, codec name) of a call's audio stream.
 
@@ -372,8 +391,7 @@ class Telephony:
         ec.uaConfig.mainThreadOnly = True
         ec.uaConfig.maxCalls = sip.max_calls
         ec.uaConfig.userAgent = sip.user_agent
-        ec.logConfig.level = 1
-        ec.logConfig.consoleLevel = 1
+        log_config(ec)
         ec.medConfig.clockRate = sip.clock_rate
         ec.medConfig.sndClockRate = sip.clock_rate
         ec.medConfig.ecTailLen = 0  # no echo canceller: there is no loudspeaker
