@@ -11,6 +11,7 @@ WAV header would reach the bot as a click at every loop).
 from __future__ import annotations
 
 import json
+import re
 import socket
 import uuid
 import wave
@@ -229,3 +230,11 @@ def test_wrong_number_and_garbage(bot: Bot) -> None:
     assert [r.sip_call_id for r in new] == [rec.sip_call_id]
     assert bot.proc.poll() is None
 
+
+
+def test_g722_caller_gets_g722(bot: Bot) -> None:
+    """A caller offering only G.722 is answered with G.722 (16 kHz on the wire)."""
+    before = record_ids(bot)
+    rec = ended(bot, run(bot, "g722_dtmf.xml"), before)
+    assert rec.path[:2] == ["lang.en", "main.hours"]
+    assert re.search(rf"call={rec.id} .*event=media codec=G722/", bot.log())
