@@ -358,8 +358,8 @@ class CallSession:
             res = self._recognizers[lang].finish()
             self.stats.asr_finalize_ms.append(res.finalize_ms)
             results.append((lang, res))
-        if utt.masked or ev.too_short or not results:
-            return
+        if utt.masked or ev.too_short or not results or self.listen is None:
+            return  # the tone of a key, a click, or speech after listening stopped
         t0 = time.perf_counter()
         best: SpeechRecognized | None = None
         node = self.listen.node if self.listen else ""

@@ -199,6 +199,14 @@ class Softphone:
     # --- the call ---
 
     def run(self) -> CallResult:
+        # As in the bot (Telephony.run): no cyclic GC on PJSIP's clock thread.
+        gc.disable()
+        try:
+            return self._run()
+        finally:
+            gc.enable()
+
+    def _run(self) -> CallResult:
         ep = create_endpoint()
         ec = pj.EpConfig()
         ec.uaConfig.threadCnt = 0

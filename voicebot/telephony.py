@@ -14,6 +14,7 @@ pjsua2 work (transfer, hang-up) through a queue the main loop drains.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import logging
@@ -40,6 +41,8 @@ from .store import Store
 log = logging.getLogger("voicebot.telephony")
 
 DTMF_METHODS = {0: "rfc4733", 1: "info"}
+PORT_GRACE_S = 2.0  # how long an ended call's media port is kept alive (s)
+GC_INTERVAL_S = 2.0  # cyclic garbage collection period on the pjsua2 thread (s)
 CODEC_IDS = {"PCMU": "PCMU/8000/1", "PCMA": "PCMA/8000/1", "G722": "G722/16000/1"}
 
 
@@ -372,6 +375,9 @@ class Telephony:
         self.rejected: list[BotCall] = []
         # Ended calls whose pjsua slot was taken by a new call before they could be deleted.
         self.dead: list[BotCall] = []
+        # Media ports of ended calls, kept until PJSIP has surely stopped calling them.
+        self.graveyard: list[tuple[float, MediaPort]] = []
+        self._gc_at = 0.0
         self.stopping = False
         self.ep: pj.Endpoint | None = None
         self.acc: _Account | None = None
@@ -437,6 +443,10 @@ class Telephony:
     def run(self, stop: threading.Event) -> None:
         """Serve calls until ``stop`` is set, then end calls politely and return."""
         assert self.ep is not None
+        # Python's cyclic GC runs on whichever thread allocates when it is due, including
+        # PJSIP's clock thread inside onFrameRequested; collecting a cycle that holds a
+        # pjsua2 object there destroyed it under the bridge's feet (segfault at 30+ calls).
+        gc.disable()
         last_check = 0.0
         deadline: float | None = None
         while True:
@@ -473,6 +483,7 @@ class Telephony:
             self.calls.clear()
             self.rejected.clear()
             self.dead.clear()
+            self.graveyard.clear()
             self.acc = None
             gc.collect()
             self.ep.libDestroy()
@@ -566,6 +577,13 @@ class Telephony:
     def _housekeeping(self, t: float) -> None:
         for dead in list(self.dead):
             self._release(dead)
+        self.graveyard = [(until, port) for until, port in self.graveyard if until > t]
+        if t >= self._gc_at:
+            # The cyclic collector is off in this process (see run): collect here, on the
+            # thread that owns pjsua2, so no pjsua2 object is ever destroyed on the media
+            # clock thread in the middle of a frame callback.
+            self._gc_at = t + GC_INTERVAL_S
+            gc.collect()
         for call in list(self.calls.values()):
             if call.disconnected or call.session is None:
                 continue
@@ -649,6 +667,15 @@ class Telephony:
                                       f"reason={call.reason or '-'} recording={recording} "
                                       f"rx_frames={rx} barge_in_ms={barge}")
         if call.port is not None:
+            # PJSIP removes a port from the bridge on its clock thread, a tick after it is
+            # asked to: the Python side of the port must outlive that, or the clock thread
+            # calls into a half-deleted object (seen as AttributeError, then a crash).
+            if call.audio is not None:
+                with contextlib.suppress(pj.Error):
+                    call.audio.stopTransmit(call.port)
+                with contextlib.suppress(pj.Error):
+                    call.port.stopTransmit(call.audio)
+            self.graveyard.append((time.monotonic() + PORT_GRACE_S, call.port))
             call.port = None
         call.session = None
         self._release(call)
