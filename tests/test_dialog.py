@@ -143,7 +143,13 @@ def test_operator_outside_hours_offers_information(grammars, cfg, at):  # type: 
     c = Call(grammars, cfg, at=at, language="en")
     c.press("0")
     assert c.turns[-1].option == "main.operator"
-    assert c.prompt_keys()[:3] == ["operator_closed", "hours", "info_menu"]
+    # Outside hours the caller hears when operators work and is offered a callback;
+    # declining it leads to the information menu, as before the callback queue existed.
+    assert c.prompt_keys()[:3] == ["operator_closed", "hours", "callback_offer"]
+    assert not any(isinstance(a, Transfer) for a in c.finish_prompts())
+    c.press("2")
+    assert c.turns[-1].result == "rejected" and c.turns[-1].node == "callback"
+    assert c.prompt_keys()[:1] == ["info_menu"]
     assert c.engine.node == "info"
     assert not any(isinstance(a, Transfer) for a in c.finish_prompts())
 
@@ -227,6 +233,8 @@ def test_barge_in_stops_menu_but_not_recording_notice(grammars, cfg):  # type: i
     assert welcome.barge_in is False and menu.barge_in is True
     assert c.send(SpeechStarted(300)) == []  # the recording notice plays on
     assert c.send(DtmfReceived("2", 500)) == []  # kept as type-ahead
+    # A whole utterance over the notice is ignored and does not lose the key typed ahead.
+    assert c.send(SpeechRecognized(1500, "ko", "나비", 1.0, None, 0.0, 1400)) == []
     c.queue.pop(0)
     out = c.send(PromptFinished(welcome.play_id, 2000))
     assert any(isinstance(a, StopPlayback) for a in out)  # the menu is cut short

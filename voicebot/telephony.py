@@ -181,6 +181,22 @@ def stream_rate(call: pj.Call, media_index: int) -> tuple[int, str]:
     return (16000 if stream.codecClockRate >= 16000 else 8000), str(stream.codecName)
 
 
+def _wait_wav_header(path: Path, timeout: float = 2.0) -> bool:
+    """Wait until PJSIP's WAV writer has filled in the RIFF size (0 while recording)."""
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            with path.open("rb") as f:
+                head = f.read(8)
+        except OSError:
+            return False
+        if len(head) == 8 and head[:4] == b"RIFF" and int.from_bytes(head[4:], "little"):
+            return True
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.005)
+
+
 def _user_of(uri: str) -> str:
     m = re.search(r"sips?:([^@;>\s]+)@", uri)
     return m.group(1) if m else ""
@@ -231,6 +247,11 @@ class BotCall(pj.Call):
             self.tel.store.call_answered(self.id)
         elif info.state == pj.PJSIP_INV_STATE_DISCONNECTED:
             self.disconnected = True
+            if (self.accepted and not self.answered_at and not self.reason
+                    and info.lastStatusCode == 408):
+                # Our 200 OK was never ACKed: PJSIP gave up (64*T1) and sent BYE itself.
+                self.reason = "no_ack"
+                self.ended_by = "bot"
             self.tel.log_event(self, "disconnected", f"code={info.lastStatusCode} "
                                                      f"reason={info.lastReason!r}")
             self.tel.finished.put(self)
@@ -249,7 +270,8 @@ class BotCall(pj.Call):
                 rate, codec = stream_rate(self, mi.index)
                 self.tel.log_event(self, "media", f"codec={codec}/{rate}")
                 session = self.tel.core.session(self.id, rate, on_action=self._on_action,
-                                                on_turn=self._on_turn)
+                                                on_turn=self._on_turn, store=self.tel.store,
+                                                caller=self.caller)
                 self.session = session
                 self.port = MediaPort(session.push_audio, session.pull_audio, rate,
                                       f"vb-{self.id}")
@@ -326,6 +348,8 @@ class Telephony:
         self.finished: queue.Queue[BotCall] = queue.Queue()
         self.calls: dict[str, BotCall] = {}
         self.rejected: list[BotCall] = []
+        # Ended calls whose pjsua slot was taken by a new call before they could be deleted.
+        self.dead: list[BotCall] = []
         self.stopping = False
         self.ep: pj.Endpoint | None = None
         self.acc: _Account | None = None
@@ -427,6 +451,7 @@ class Telephony:
             # Every pjsua2 object goes before the library does (see softphone.run).
             self.calls.clear()
             self.rejected.clear()
+            self.dead.clear()
             self.acc = None
             gc.collect()
             self.ep.libDestroy()
@@ -518,6 +543,8 @@ class Telephony:
             self._hangup(call, 200, reason)
 
     def _housekeeping(self, t: float) -> None:
+        for dead in list(self.dead):
+            self._release(dead)
         for call in list(self.calls.values()):
             if call.disconnected or call.session is None:
                 continue
@@ -567,6 +594,7 @@ class Telephony:
         """After DISCONNECTED: finish the session, save the recording, complete the record."""
         if call in self.rejected:
             self.rejected.remove(call)
+            self._release(call)
             return
         self.calls.pop(call.id, None)
         session = call.session
@@ -583,14 +611,39 @@ class Telephony:
         recording = None
         if call.recorder is not None and call.rec_part is not None and call.rec_path:
             call.recorder = None  # destroying the recorder writes the WAV header
+            # ...but PJSIP 2.15 removes conference ports on its clock thread, so the header
+            # lands a tick or two later: publish the file only once it is a complete WAV.
+            if not _wait_wav_header(call.rec_part):
+                log.warning("call=%s recording header not written in time: %s", call.id,
+                            call.rec_part)
             try:
                 os.replace(call.rec_part, call.rec_path)
                 recording = str(call.rec_path)
             except OSError as exc:
                 log.error("call=%s recording not saved: %s", call.id, exc)
         self.store.call_ended(call.id, result, language, recording, call.ended_by, call.reason)
+        rx = call.port.rx_frames if call.port is not None else 0
         self.log_event(call, "ended", f"result={result} by={call.ended_by} "
-                                      f"reason={call.reason or '-'} recording={recording}")
+                                      f"reason={call.reason or '-'} recording={recording} "
+                                      f"rx_frames={rx}")
         if call.port is not None:
             call.port = None
         call.session = None
+        self._release(call)
+
+    def _release(self, call: BotCall) -> None:
+        """Delete an ended call's pjsua2 object now, while no other call holds its slot.
+
+        pjsua2's ~Call never forgets its slot number: deleting it detaches and hangs up
+        whatever call holds that slot by then. Left to Python's garbage collector (the
+        session's callbacks form a reference cycle with the call), it ran seconds later and
+        killed a new call in the reused slot, which then never reported DISCONNECTED: a 603
+        or BYE to a fresh caller and a record that never ended.
+        """
+        if call.isActive():  # the slot already holds a new call: wait until it is free
+            if call not in self.dead:
+                self.dead.append(call)
+            return
+        if call in self.dead:
+            self.dead.remove(call)
+        pj.Call.__swig_destroy__(call)  # deletes the C++ object and disowns the proxy
