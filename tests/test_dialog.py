@@ -143,7 +143,13 @@ def test_operator_outside_hours_offers_information(grammars, cfg, at):  # type: 
     c = Call(grammars, cfg, at=at, language="en")
     c.press("0")
     assert c.turns[-1].option == "main.operator"
-    assert c.prompt_keys()[:3] == ["operator_closed", "hours", "info_menu"]
+    # Outside hours the caller hears when operators work and is offered a callback;
+    # declining it leads to the information menu, as before the callback queue existed.
+    assert c.prompt_keys()[:3] == ["operator_closed", "hours", "callback_offer"]
+    assert not any(isinstance(a, Transfer) for a in c.finish_prompts())
+    c.press("2")
+    assert c.turns[-1].result == "rejected" and c.turns[-1].node == "callback"
+    assert c.prompt_keys()[:1] == ["info_menu"]
     assert c.engine.node == "info"
     assert not any(isinstance(a, Transfer) for a in c.finish_prompts())
 

@@ -52,7 +52,7 @@ def test_operator_in_hours_transfers_and_outside_hours_offers_information(core) 
     outside = run(core, press("3", "0"), at=AFTER_HOURS)
     assert outside.result == "abandoned"  # the caller hung up after hearing the hours
     assert [p.prompt.key for p in outside.played][-3:] == ["operator_closed", "hours",
-                                                           "info_menu"]
+                                                           "callback_offer"]
     failed = run(core, press("3", "0"), at=IN_HOURS, transfer_fails=True)
     assert "transfer_failed" in [p.prompt.key for p in failed.played]
 

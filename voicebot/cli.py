@@ -92,6 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--workers", type=int, default=1,
                      help="worker processes (4 calls each); more than 1 runs Kamailio in front")
     srv.add_argument("--at", help="set the clock (ISO time) for working hours, e.g. for tests")
+    srv.add_argument("--web", metavar="HOST:PORT",
+                     help="also serve the call report, live and read-only, e.g. 127.0.0.1:8080")
 
     call = sub.add_parser("call", help="dial a SIP URI with a softphone and navigate by keys or "
                                        "speech")
@@ -115,9 +117,51 @@ def _parser() -> argparse.ArgumentParser:
                       help="give up after S seconds")
     call.set_defaults(inputs=[])
 
+    bench = sub.add_parser("bench", help="latency, capacity and accuracy benchmarks "
+                                         "(writes benchmarks/results/NAME.json and NAME.md)")
+    bench.add_argument("--quick", action="store_true",
+                       help="CI smoke: every section, small (under 3 minutes)")
+    bench.add_argument("--name", help="result name (default: quick or full)")
+    bench.add_argument("--out", metavar="DIR", help="results folder (default "
+                                                    "benchmarks/results)")
+    bench.add_argument("--suite", metavar="FILE",
+                       help="run only this accuracy suite (CSV or YAML: audio, language, node, "
+                            "expected)")
+    bench.add_argument("--sip", metavar="URI", help="with --suite: call a running bot at URI "
+                                                    "instead of the in-process voice core")
+    bench.add_argument("--port", type=int, default=5400,
+                       help="first SIP port the benchmark's own servers use (5400; it uses "
+                            "the next ~40)")
+    bench.add_argument("--only", action="append", metavar="SECTION",
+                       help="run only these sections: core, asr, vad, dtmf, latency, "
+                            "capacity, suites (repeatable)")
+
     calls = sub.add_parser("calls", help="list recorded calls with their paths")
     calls.add_argument("--json", action="store_true", help="one JSON object per call")
     calls.add_argument("--last", type=int, default=20, metavar="N", help="newest N calls (20)")
+
+    apps = sub.add_parser("applications", help="application statuses the status menu reads")
+    asub = apps.add_subparsers(dest="action", required=True)
+    aimp = asub.add_parser("import", help="import a CSV (number,status,date); bad rows are "
+                                          "listed with their line numbers, the rest imported")
+    aimp.add_argument("file")
+    ashow = asub.add_parser("show", help="the stored status of one application")
+    ashow.add_argument("number")
+
+    cbs = sub.add_parser("callbacks", help="the callback queue")
+    csub = cbs.add_subparsers(dest="action", required=True)
+    clist = csub.add_parser("list", help="callbacks outstanding (--all: done ones too)")
+    clist.add_argument("--all", action="store_true")
+    clist.add_argument("--json", action="store_true")
+    cdone = csub.add_parser("done", help="mark a callback made")
+    cdone.add_argument("id", type=int)
+    cexp = csub.add_parser("export", help="write the callbacks to a CSV file")
+    cexp.add_argument("file")
+    cexp.add_argument("--all", action="store_true", help="done ones too")
+
+    rpt = sub.add_parser("report", help="HTML and Markdown report with PNG charts and CSVs")
+    rpt.add_argument("--since", help="only calls from this day on (YYYY-MM-DD)")
+    rpt.add_argument("--out", default=None, help="folder (default: <var>/report)")
     _common_everywhere(p)
     return p
 
@@ -147,6 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler = {
             "menus": _menus, "prompts": _prompts, "models": _models, "intents": _intents,
             "simulate": _simulate, "serve": _serve, "calls": _calls, "call": _call,
+            "bench": _bench,
+            "applications": _applications, "callbacks": _callbacks, "report": _report,
         }[args.command]
         return handler(cfg, args)
     except VoicebotError as exc:
@@ -323,6 +369,7 @@ def _simulate(cfg: Config, args: argparse.Namespace) -> int:
     from .hours import parse_at
     from .session import VoiceCore
     from .simulator import Simulator, transcript_lines, turn_json
+    from .store import Store
 
     core = VoiceCore(cfg)
     for line in core.startup_report():
@@ -331,10 +378,16 @@ def _simulate(cfg: Config, args: argparse.Namespace) -> int:
         raise VoicebotError(f"--lang {args.lang}: no such pack; have "
                             f"{', '.join(sorted(core.grammars.packs))}")
     at = parse_at(args.at, core.hours.tz) if args.at else dt.datetime.now(core.hours.tz)
+    # The store answers the status menu and keeps messages, tickets and callbacks; the
+    # simulated call is recorded in it too (caller "simulator"), as a real one would be.
+    store = Store.from_config(cfg)
     sim = Simulator(core, args.inputs, at, language=args.lang, barge_in_ms=args.barge_in,
                     transfer_fails=args.transfer_fails, sample_rate=args.rate,
-                    record=Path(args.record) if args.record else None)
-    res = sim.run()
+                    record=Path(args.record) if args.record else None, store=store)
+    try:
+        res = sim.run()
+    finally:
+        store.close()
     if args.json:
         for turn in res.turns:
             print(json.dumps(turn_json(turn), ensure_ascii=False))
@@ -359,7 +412,8 @@ def _serve(cfg: Config, args: argparse.Namespace) -> int:
     if args.listen:
         parse_hostport(args.listen)
     at = parse_at(args.at, WorkingHours.from_config(cfg.hours).tz) if args.at else None
-    return serve(cfg, workers=args.workers, listen=args.listen, at=at)
+    web = parse_hostport(args.web) if args.web else None
+    return serve(cfg, workers=args.workers, listen=args.listen, at=at, web=web)
 
 
 def _calls(cfg: Config, args: argparse.Namespace) -> int:
@@ -416,6 +470,115 @@ def _call(cfg: Config, args: argparse.Namespace) -> int:
         print(f"call {res.sip_call_id}: {summary.get('result', 'ended')}, "
               f"{res.duration_ms / 1000:.1f} s" + (f", recording {res.recording}"
                                                    if res.recording else ""))
+    return 0
+
+
+# --- call-centre duties ---
+
+
+def _applications(cfg: Config, args: argparse.Namespace) -> int:
+    from .duties import import_applications
+    from .store import Store
+
+    store = Store.from_config(cfg)
+    try:
+        if args.action == "show":
+            found = store.application(args.number)
+            print(f"{args.number}: {found[0]} since {found[1]}" if found
+                  else f"{args.number}: no such application")
+            return 0 if found else 1
+        rep = import_applications(store, Path(args.file))
+    finally:
+        store.close()
+    for e in rep.errors:
+        print(f"{rep.file}: {e}", file=sys.stderr)
+    print(f"{rep.file}: imported {rep.imported} application(s), rejected {len(rep.errors)} "
+          "row(s)")
+    return 1 if rep.errors else 0
+
+
+def _callbacks(cfg: Config, args: argparse.Namespace) -> int:
+    import csv
+
+    from .store import Store
+
+    store = Store.from_config(cfg)
+    try:
+        if args.action == "done":
+            if not store.callback_done(args.id):
+                raise VoicebotError(f"callback {args.id}: no such outstanding callback "
+                                    "(see voicebot callbacks list --all)")
+            print(f"callback {args.id}: done")
+            return 0
+        rows = store.callbacks(outstanding_only=not args.all)
+    finally:
+        store.close()
+    if args.action == "export":
+        path = Path(args.file)
+        with path.open("w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=["id", "caller", "language", "reason",
+                                              "created_at", "done_at", "call_id"])
+            w.writeheader()
+            w.writerows(rows)
+        print(f"{path}: {len(rows)} callback(s)")
+        return 0
+    if args.json:
+        for r in rows:
+            print(json.dumps(r, ensure_ascii=False))
+        return 0
+    if not rows:
+        print("no callbacks outstanding" if not args.all else "no callbacks")
+    for r in rows:
+        state = f"done {r['done_at']}" if r["done_at"] else "outstanding"
+        print(f"{r['id']:>5}  {r['created_at']}  {r['caller'] or '?':<28} {r['language'] or '-':<3}"
+              f" {r['reason']:<16} {state}")
+    return 0
+
+
+def _report(cfg: Config, args: argparse.Namespace) -> int:
+    from .report import build
+    from .store import Store
+
+    since = None
+    if args.since:
+        try:
+            since = dt.date.fromisoformat(args.since)
+        except ValueError:
+            raise VoicebotError(f"--since {args.since!r}: expected a day as YYYY-MM-DD") from None
+    out = Path(args.out) if args.out else cfg.var_dir / "report"
+    store = Store.from_config(cfg)
+    try:
+        rep = build(store, out, since)
+    finally:
+        store.close()
+    print(f"report: {rep.calls} calls -> {out / 'index.html'} and {out / 'report.md'} "
+          f"({len(rep.files)} files)")
+    return 0
+
+
+# --- bench ---
+
+
+def _bench(cfg: Config, args: argparse.Namespace) -> int:
+    from .bench import run_bench
+    from .bench.runner import SECTIONS
+
+    if args.sip and not args.suite:
+        raise VoicebotError("--sip needs --suite FILE (the suite's cases are the calls)")
+    bad = [s for s in args.only or [] if s not in SECTIONS]
+    if bad:
+        raise VoicebotError(f"--only {bad[0]}: no such section; have {', '.join(SECTIONS)}")
+    jpath, mpath = run_bench(cfg, quick=args.quick, name=args.name,
+                             out_dir=Path(args.out) if args.out else None,
+                             suite=Path(args.suite) if args.suite else None, sip_uri=args.sip,
+                             port=args.port, only=args.only)
+    data = json.loads(jpath.read_text(encoding="utf-8"))
+    for t in data.get("targets", []):
+        mark = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
+        print(f"{mark:>12}  {t['what']}: {t['measured']}")
+    for section, err in (data.get("errors") or {}).items():
+        print(f"error in {section}: {err}", file=sys.stderr)
+    print(f"results: {jpath}\nreport:  {mpath}")
     return 0
 
 

@@ -14,6 +14,13 @@ Turn-taking rules, as a call-centre engineer expects them:
 - no-input and no-match re-prompt at most ``max_retries`` times, then the call
   goes to an operator in working hours, otherwise to the information menu; a
   second escalation outside hours says goodbye rather than loop.
+
+Call-centre duties run as modes of the same machine: an application number is
+collected key by key (``#`` ends) or from spoken digits, read back, and looked up
+by the shell (LookupApplication -> ApplicationFound); a message is recorded by the
+shell between StartRecording and StopRecording (-> RecordingSaved with its
+ticket); an operator request outside hours, or a caller who hangs up while
+waiting for the transfer, yields RequestCallback.
 """
 
 from __future__ import annotations
@@ -112,8 +119,35 @@ class EndCall:
     reason: str
 
 
+@dataclass(frozen=True)
+class ApplicationFound:
+    """The shell's answer to LookupApplication. status: one of
+    menus.APPLICATION_STATES, or None when there is no such application; date: when the
+    application reached that status."""
+
+    t_ms: float
+    number: str
+    status: str | None
+    date: dt.date | None = None
+
+
+@dataclass(frozen=True)
+class RecordingSaved:
+    """The message recording ended and is stored under ``ticket``.
+
+    duration_ms: audio kept; speech_ms: caller speech in it (VAD), 0 for an empty
+    message; reason: key, silence, max_duration, hangup."""
+
+    t_ms: float
+    ticket: str
+    duration_ms: float
+    speech_ms: float
+    reason: str
+
+
 Event = (CallStarted | DtmfReceived | SpeechStarted | SpeechRecognized | PromptFinished
-         | InputTimeout | CallerHungUp | TransferFailed | EndCall)
+         | InputTimeout | CallerHungUp | TransferFailed | EndCall | ApplicationFound
+         | RecordingSaved)
 
 # --- actions (out) -----------------------------------------------------------------------
 
@@ -153,12 +187,15 @@ class Listen:
     languages: packs whose recognisers listen (several at the language menu).
     options: option ids the caller can choose here.
     no_input_ms: silence after the prompts end that counts as no input.
+    grammar: "options" (keywords of ``options``), "digits" (the pack's digit words, no
+    classifier), or "none" (while recording a message: nothing is recognised).
     """
 
     node: str
     languages: tuple[str, ...]
     options: tuple[str, ...]
     no_input_ms: int
+    grammar: str = "options"
 
 
 @dataclass(frozen=True)
@@ -177,6 +214,43 @@ class Transfer:
 @dataclass(frozen=True)
 class HangUp:
     reason: str
+
+
+@dataclass(frozen=True)
+class LookupApplication:
+    """Look the application up in the store; answer with ApplicationFound."""
+
+    number: str
+    language: str
+
+
+@dataclass(frozen=True)
+class StartRecording:
+    """Record the caller's audio as a message of ``kind`` (complaint, proposal,
+    violation) and open its ticket. The shell ends it by itself after ``max_ms`` (and
+    posts RecordingSaved); silence is timed by the Listen that follows."""
+
+    kind: str
+    option: str
+    language: str
+    max_ms: int
+
+
+@dataclass(frozen=True)
+class StopRecording:
+    """End the message recording, keep what was recorded, post RecordingSaved (not after a
+    hang-up). reason: key, silence, hangup."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class RequestCallback:
+    """Put the caller in the callback queue. reason: after_hours, hung_up_waiting,
+    status_failed."""
+
+    reason: str
+    language: str
 
 
 @dataclass(frozen=True)
@@ -211,7 +285,13 @@ class LogTurn:
     turn: Turn
 
 
-Action = Play | StopPlayback | Listen | StopListening | Transfer | HangUp | LogTurn
+Action = (Play | StopPlayback | Listen | StopListening | Transfer | HangUp | LogTurn
+          | LookupApplication | StartRecording | StopRecording | RequestCallback)
+
+BEEP = "beep"  # prompt key of the tone before a message; the shell plays a tone, not TTS
+MAX_NUMBER_DIGITS = 20
+DUTY_MODES = ("digits", "status_confirm", "lookup", "offer", "record_intro", "recording",
+              "saving")
 
 
 @dataclass(frozen=True)
@@ -231,6 +311,9 @@ class DialogSettings:
     max_retries: int = 2
     no_input_ms: int = 6000
     operator_uri: str = "sip:operator@127.0.0.1:5099"
+    status_attempts: int = 3  # failed tries at the status menu before operator/callback
+    record_max_ms: int = 120_000
+    record_silence_ms: int = 5000
 
 
 @dataclass
@@ -250,6 +333,12 @@ class _State:
     barged: bool = False  # speech stopped a prompt; its result is a barge-in turn
     transferred: bool = False
     started: dt.datetime | None = None
+    digits: str = ""  # application number being entered
+    number: str = ""  # number read back / looked up
+    status_failures: int = 0
+    callback_reason: str = ""
+    record_option: Option | None = None
+    callback_requested: bool = False
 
 
 class DialogEngine:
@@ -280,6 +369,12 @@ class DialogEngine:
         return bool(self.st.playing)
 
     @property
+    def accepting_input(self) -> bool:
+        """The caller's input is taken now (menus, confirmations, numbers, messages)."""
+        return self.st.mode in ("menu", "confirm", "digits", "status_confirm", "offer",
+                                "recording")
+
+    @property
     def outcome(self) -> str:
         """transferred (to an operator), completed (information given, or said goodbye),
         or abandoned (the caller left before being served)."""
@@ -296,9 +391,7 @@ class DialogEngine:
             case CallStarted():
                 return self._on_start(event)
             case CallerHungUp():
-                self.st.mode = "ended"
-                self.st.playing.clear()
-                return [StopListening()]
+                return self._on_hang_up()
             case PromptFinished():
                 return self._on_prompt_finished(event)
             case SpeechStarted():
@@ -313,6 +406,10 @@ class DialogEngine:
                 return self._on_transfer_failed(event)
             case EndCall():
                 return self._on_end_call()
+            case ApplicationFound():
+                return self._on_application(event)
+            case RecordingSaved():
+                return self._on_recording_saved(event)
         return []
 
     # -- helpers building prompts --
@@ -402,6 +499,8 @@ class DialogEngine:
     def _on_prompt_finished(self, ev: PromptFinished) -> list[Action]:
         barge_in = self.st.playing.pop(ev.play_id, None)
         actions: list[Action] = []
+        if self.st.mode == "record_intro" and not self.st.playing:
+            return self._start_recording()
         if self.st.mode == "transfer" and not self.st.playing:
             lang = self.st.language or self.s.default_language
             self.st.transferred = True
@@ -417,6 +516,11 @@ class DialogEngine:
         return actions
 
     def _on_speech_started(self) -> list[Action]:
+        if self.st.mode in ("digits", "status_confirm", "offer"):
+            if self.st.playing and all(self.st.playing.values()):
+                self.st.barged = True
+                return self._stop("barge-in: speech")
+            return []
         if self.st.mode not in ("menu", "confirm"):
             return []
         if self.st.playing and all(self.st.playing.values()):
@@ -430,6 +534,8 @@ class DialogEngine:
         return self._offered_here(self.menu.node(self.st.node))
 
     def _on_dtmf(self, ev: DtmfReceived) -> list[Action]:
+        if self.st.mode in DUTY_MODES:
+            return self._duty_dtmf(ev)
         if self.st.mode not in ("menu", "confirm"):
             return []
         if self.st.playing and not all(self.st.playing.values()):
@@ -459,6 +565,8 @@ class DialogEngine:
         return option.id
 
     def _on_speech(self, ev: SpeechRecognized) -> list[Action]:
+        if self.st.mode in DUTY_MODES:
+            return self._duty_speech(ev)
         if self.st.mode not in ("menu", "confirm"):
             return []
         if self.st.playing and not all(self.st.playing.values()):
@@ -499,6 +607,8 @@ class DialogEngine:
         return [*actions, turn, *out]
 
     def _on_timeout(self, ev: InputTimeout) -> list[Action]:
+        if self.st.mode in DUTY_MODES:
+            return self._duty_timeout(ev)
         if self.st.mode not in ("menu", "confirm") or self.st.playing:
             return []
         node = "confirm" if self.st.mode == "confirm" else self.st.node
@@ -554,6 +664,11 @@ class DialogEngine:
             return self._go_menu(self.st.node, (self._prompt(option.target),))
         if option.kind == "action" and option.target == "operator":
             return self._operator(t_ms)
+        if option.kind == "action" and option.target == "status":
+            self.st.status_failures = 0
+            return self._ask_number()
+        if option.kind == "record":
+            return self._record_intro(option)
         raise ValueError(f"option {option.id} has an unknown kind {option.kind}")
 
     def _operator(self, t_ms: float) -> list[Action]:
@@ -564,7 +679,7 @@ class DialogEngine:
             return [self._play((self._prompt("operator_transfer"),), barge_in=False),
                     StopListening()]
         lead = (self._prompt("operator_closed"), self._prompt("hours"))
-        return self._go_menu(self.menu.fallback, lead)
+        return self._offer_callback(lead, "after_hours")
 
     def _failure(self, kind: str, t_ms: float) -> list[Action]:
         """No input or no match: re-prompt, or escalate after max_retries."""
@@ -592,3 +707,251 @@ class DialogEngine:
             return [self._play((*lead, self._prompt("goodbye")), barge_in=False),
                     StopListening()]
         return self._go_menu(self.menu.fallback, (*lead, self._prompt("escalate_info")))
+
+    # -- call-centre duties: application status, messages, callbacks --
+
+    def _lang(self) -> str:
+        return self.st.language or self.s.default_language
+
+    def _speech_langs(self) -> tuple[str, ...]:
+        lang = self._lang()
+        return (lang,) if lang in self.s.speech_languages else ()
+
+    def _yes_no_listen(self) -> Listen:
+        return Listen("confirm", self._speech_langs(),
+                      tuple(o.id for o in self.menu.confirm_choices()), self.s.no_input_ms)
+
+    @staticmethod
+    def spell(digits: str) -> str:
+        """A number said digit by digit ("1 2 3"), as call centres read numbers back."""
+        return " ".join(digits)
+
+    def _ask_number(self, lead: tuple[Prompt, ...] = ()) -> list[Action]:
+        self.st.node = "status"
+        self.st.mode = "digits"
+        self.st.digits = ""
+        self.st.pending = None
+        return [self._play((*lead, self._prompt("status_ask"))),
+                Listen("status", self._speech_langs(), (), self.s.no_input_ms, "digits")]
+
+    def _status_failure(self, kind: str, t_ms: float,
+                        lead: tuple[Prompt, ...] = ()) -> list[Action]:
+        """A failed try at the status menu: ask again, or after status_attempts hand over to
+        an operator (in hours) or offer a callback."""
+        self.st.status_failures += 1
+        lead = lead or (self._prompt(kind),)
+        if self.st.status_failures < self.s.status_attempts:
+            return self._ask_number(lead)
+        self.st.status_failures = 0
+        if self.s.hours.is_open(self._now(t_ms)):
+            self.st.mode = "transfer"
+            return [self._play((*lead, self._prompt("operator_transfer")), barge_in=False),
+                    StopListening()]
+        return self._offer_callback((*lead, self._prompt("operator_closed")), "status_failed")
+
+    def _number_entered(self, t_ms: float) -> list[Action]:
+        if not self.st.digits:
+            return self._status_failure("no_match", t_ms)
+        self.st.number = self.st.digits
+        self.st.digits = ""
+        self.st.mode = "status_confirm"
+        return [self._play((self._prompt("status_readback", number=self.spell(self.st.number)),)),
+                self._yes_no_listen()]
+
+    def _offer_callback(self, lead: tuple[Prompt, ...], reason: str) -> list[Action]:
+        self.st.mode = "offer"
+        self.st.node = "callback"
+        self.st.callback_reason = reason
+        self.st.retries = 0
+        return [self._play((*lead, self._prompt("callback_offer"))), self._yes_no_listen()]
+
+    def _record_intro(self, option: Option) -> list[Action]:
+        self.st.mode = "record_intro"
+        self.st.node = "record"
+        self.st.record_option = option
+        # The instructions and the beep are not interruptible: the message starts after it.
+        beep = Prompt(self._lang(), BEEP, "", "")
+        return [self._play((self._prompt("record_instructions"), beep), barge_in=False),
+                StopListening()]
+
+    def _start_recording(self) -> list[Action]:
+        option = self.st.record_option
+        assert option is not None
+        self.st.mode = "recording"
+        return [StartRecording(option.target, option.id, self._lang(), self.s.record_max_ms),
+                Listen("record", (), (), self.s.record_silence_ms, "none")]
+
+    def _yes_no(self, key: str | None, option: str | None) -> bool | None:
+        if key is not None:
+            return True if key == self.menu.yes.key else False if key == self.menu.no.key \
+                else None
+        if option == self.menu.yes.id:
+            return True
+        if option == self.menu.no.id:
+            return False
+        return None
+
+    def _duty_dtmf(self, ev: DtmfReceived) -> list[Action]:
+        mode = self.st.mode
+        if mode == "recording":
+            # Any key ends the message (# is what the prompt says); the tone is cut off.
+            self.st.mode = "saving"
+            return [StopRecording("key"), StopListening()]
+        if mode not in ("digits", "status_confirm", "offer"):
+            return []
+        if self.st.playing and not all(self.st.playing.values()):
+            return []
+        barge = bool(self.st.playing)
+        stop = self._stop("barge-in: key")
+        if mode == "digits":
+            if ev.digit == self.menu.back.key:
+                out = self._go_menu(self.menu.home)
+                return [*stop, self._turn(ev.t_ms, "dtmf", ev.digit, 1.0, self.menu.back.id,
+                                          "accepted", out, barge, ev.t_ms, "status",
+                                          self.st.language), *out]
+            if ev.digit.isdigit() and len(self.st.digits) < MAX_NUMBER_DIGITS:
+                self.st.digits += ev.digit  # no turn per digit: the number is one turn
+                return stop
+            if ev.digit != "#":
+                return stop
+            heard = self.st.digits
+            out = self._number_entered(ev.t_ms)
+            result = "number" if heard else "no_match"
+            return [*stop, self._turn(ev.t_ms, "dtmf", heard + "#", 1.0, None, result, out,
+                                      barge, ev.t_ms, "status", self.st.language), *out]
+        answer = self._yes_no(ev.digit, None)
+        return [*stop, *self._answer(answer, ev.t_ms, "dtmf", ev.digit, 1.0, barge, ev.t_ms,
+                                     self.st.language)]
+
+    def _duty_speech(self, ev: SpeechRecognized) -> list[Action]:
+        mode = self.st.mode
+        if mode not in ("digits", "status_confirm", "offer"):
+            return []
+        if self.st.playing and not all(self.st.playing.values()):
+            self.st.barged = False
+            return []
+        barge = bool(self.st.playing) or self.st.barged
+        self.st.barged = False
+        stop = self._stop("barge-in: speech")
+        if mode == "digits":
+            self.st.digits = self.g.pack(ev.language).parse_digits(ev.text)[:MAX_NUMBER_DIGITS]
+            heard = self.st.digits
+            out = self._number_entered(ev.t_ms)
+            return [*stop, self._turn(ev.t_ms, "speech", ev.text, ev.asr_confidence, None,
+                                      "number" if heard else "no_match", out, barge,
+                                      ev.input_end_ms, "status", ev.language), *out]
+        answer = self._yes_no(None, ev.option if ev.score >= self.s.confirm else None)
+        return [*stop, *self._answer(answer, ev.t_ms, "speech", ev.text, ev.score, barge,
+                                     ev.input_end_ms, ev.language)]
+
+    def _answer(self, answer: bool | None, t_ms: float, input_: str, heard: str,
+                confidence: float | None, barge: bool, input_end_ms: float | None,
+                language: str | None) -> list[Action]:
+        """Yes, no or neither to a read-back number or to a callback offer."""
+        mode = self.st.mode
+        node = "confirm" if mode == "status_confirm" else "callback"
+        option = None  # yes/no here answer a question, they choose no menu option
+        result = "no_match" if answer is None else ("accepted" if answer else "rejected")
+        if mode == "status_confirm":
+            if answer:
+                self.st.mode = "lookup"
+                out: list[Action] = [StopListening(),
+                                     LookupApplication(self.st.number, self._lang())]
+            else:
+                out = self._status_failure("no_match", t_ms)
+        elif answer:
+            self.st.served = True
+            self.st.callback_requested = True
+            self.st.mode = "closing"
+            out = [RequestCallback(self.st.callback_reason, self._lang()), StopListening(),
+                   self._play((self._prompt("callback_booked"), self._prompt("goodbye")),
+                              barge_in=False)]
+        elif answer is False:
+            out = self._go_menu(self.menu.fallback)
+        else:
+            self.st.retries += 1
+            if self.st.retries <= self.s.max_retries:
+                self.st.mode = "offer"
+                out = [self._play((self._prompt("no_match"), self._prompt("callback_offer"))),
+                       self._yes_no_listen()]
+            else:
+                out = self._go_menu(self.menu.fallback, (self._prompt("no_match"),))
+        return [self._turn(t_ms, input_, heard, confidence, option, result, out, barge,
+                           input_end_ms, node, language), *out]
+
+    def _duty_timeout(self, ev: InputTimeout) -> list[Action]:
+        mode = self.st.mode
+        if self.st.playing:
+            return []
+        if mode == "recording":
+            self.st.mode = "saving"
+            return [StopRecording("silence"), StopListening()]
+        if mode == "digits" and self.st.digits:
+            # The caller keyed a number but forgot #: take it as entered.
+            heard = self.st.digits
+            out = self._number_entered(ev.t_ms)
+            return [self._turn(ev.t_ms, "dtmf", heard, 1.0, None, "number", out, False,
+                               ev.t_ms, "status", self.st.language), *out]
+        if mode == "digits":
+            out = self._status_failure("no_input", ev.t_ms)
+            node = "status"
+        elif mode == "status_confirm":
+            out = self._status_failure("no_input", ev.t_ms)
+            node = "confirm"
+        elif mode == "offer":
+            self.st.retries += 1
+            node = "callback"
+            if self.st.retries <= self.s.max_retries:
+                out = [self._play((self._prompt("no_input"), self._prompt("callback_offer"))),
+                       self._yes_no_listen()]
+            else:
+                out = self._go_menu(self.menu.fallback, (self._prompt("no_input"),))
+        else:
+            return []
+        return [self._turn(ev.t_ms, "none", "", None, None, "no_input", out, False, None, node,
+                           self.st.language), *out]
+
+    def _on_application(self, ev: ApplicationFound) -> list[Action]:
+        if self.st.mode != "lookup":
+            return []
+        number = self.spell(ev.number)
+        if ev.status is None:
+            return self._status_failure("status_unknown", ev.t_ms,
+                                        (self._prompt("status_unknown", number=number),))
+        from .spoken import say_date
+
+        self.st.served = True
+        self.st.status_failures = 0
+        today = self._now(ev.t_ms).date()
+        date = say_date(self.g.pack(self._lang()), ev.date, today) if ev.date else ""
+        said = self._prompt(f"status_{ev.status}", number=number, date=date)
+        return self._go_menu(self.menu.home, (said,))
+
+    def _on_recording_saved(self, ev: RecordingSaved) -> list[Action]:
+        if self.st.mode not in ("recording", "saving"):
+            return []
+        option = self.st.record_option
+        self.st.record_option = None
+        heard = f"{ev.duration_ms / 1000:.1f} s message"
+        if ev.speech_ms <= 0:
+            out = self._go_menu("report", (self._prompt("record_empty"),))
+            return [self._turn(ev.t_ms, "none", heard, None, None, "no_input", out, False,
+                               None, "record", self.st.language), *out]
+        self.st.served = True
+        ticket = self._prompt("record_saved", ticket=self.spell(ev.ticket))
+        out = self._go_menu(self.menu.home, (ticket,))
+        return [self._turn(ev.t_ms, "speech", heard, None, option.id if option else None,
+                           "recorded", out, False, None, "record", self.st.language), *out]
+
+    def _on_hang_up(self) -> list[Action]:
+        mode = self.st.mode
+        self.st.mode = "ended"
+        self.st.playing.clear()
+        out: list[Action] = [StopListening()]
+        if mode == "recording":
+            out.append(StopRecording("hangup"))  # what the caller said so far is kept
+        if mode == "transfer" and not self.st.transferred:
+            # The caller gave up while waiting for an operator: call them back.
+            self.st.callback_requested = True
+            out.append(RequestCallback("hung_up_waiting", self._lang()))
+        return out

@@ -39,9 +39,27 @@ SYSTEM_PROMPTS: dict[str, frozenset[str]] = {
     "escalate_info": frozenset(),
     "goodbye": frozenset(),
     "call_ending": frozenset(),
+    # Call-centre duties (issue 5): application status, messages with tickets, callbacks.
+    "status_ask": frozenset(),
+    "status_readback": frozenset({"number"}),
+    "status_unknown": frozenset({"number"}),
+    "status_received": frozenset({"number", "date"}),
+    "status_in_review": frozenset({"number", "date"}),
+    "status_approved": frozenset({"number", "date"}),
+    "status_rejected": frozenset({"number", "date"}),
+    "status_ready": frozenset({"number", "date"}),
+    "callback_offer": frozenset(),
+    "callback_booked": frozenset(),
+    "record_instructions": frozenset(),
+    "record_saved": frozenset({"ticket"}),
+    "record_empty": frozenset(),
 }
 
-ACTIONS = ("operator",)
+# Application states the store accepts; each has a status_<state> prompt in every pack.
+APPLICATION_STATES = ("received", "in_review", "approved", "rejected", "ready")
+DIGITS = "0123456789"
+
+ACTIONS = ("operator", "status")
 OFFER_MODES = ("always", "with_model")
 
 
@@ -59,8 +77,9 @@ def normalize_text(text: str) -> str:
 class Option:
     """One choice at a menu node.
 
-    kind: "language", "goto", "play", "action", or "command" (repeat/back) or "confirm".
-    target: the language code, node id, prompt key or action name.
+    kind: "language", "goto", "play", "action", "record", or "command" (repeat/back) or
+    "confirm".
+    target: the language code, node id, prompt key, action name or message type (record).
     """
 
     id: str
@@ -158,6 +177,13 @@ class Format:
     list_separator: str
     hour_words: tuple[str, ...] = ()  # 24 spoken hours, where digits would take the wrong case
     day_names: tuple[str, ...] = ()  # plain weekday names, for lists of days that are no range
+    # Dates: a template over {day} {month} {year}; the month name comes from CLDR (babel,
+    # in the form a date takes: genitive in Russian); day_words say the day where digits
+    # would take the wrong case (Russian ordinals); the year is said only when it is not
+    # the current one (date_year).
+    date: str = "{day} {month}"
+    date_year: str = "{day} {month} {year}"
+    day_words: tuple[str, ...] = ()  # 31 spoken days of the month
 
 
 @dataclass(frozen=True)
@@ -175,6 +201,30 @@ class Pack:
     decoys: tuple[str, ...]
     none_phrases: tuple[str, ...]
     file: Path
+    # Spoken digits for application numbers: digit -> words, and ASR spellings of words.
+    digit_words: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    digit_asr: dict[str, str] = field(default_factory=dict)
+
+    def digit_grammar(self) -> list[str]:
+        """The words a digits grammar listens for, as the ASR model spells them."""
+        out = [normalize_text(self.digit_asr.get(w, w)) for ws in self.digit_words.values()
+               for w in ws]
+        return list(dict.fromkeys(out))
+
+    def parse_digits(self, text: str) -> str:
+        """The digits said in ``text`` ("one two three", "일 이 삼"); other words are dropped."""
+        table: dict[str, str] = {}
+        for d, ws in self.digit_words.items():
+            for w in ws:
+                table[normalize_text(w)] = d
+                table[normalize_text(self.digit_asr.get(w, w))] = d
+        out = []
+        for tok in normalize_text(text).split():
+            if tok.isdigit():
+                out.append(tok)
+            elif tok in table:
+                out.append(table[tok])
+        return "".join(out)
 
     def text(self, key: str, **params: str) -> str:
         """Prompt text with its placeholders filled."""
@@ -345,7 +395,8 @@ def load_menu(path: Path, errs: _Collector) -> Menu | None:
             if not isinstance(ro, dict):
                 errs.add(path, ow, "expected a table like { id = ..., key = ..., goto = ... }")
                 continue
-            _unknown(errs, path, ow, ro, ("id", "key", "language", "goto", "play", "action"))
+            _unknown(errs, path, ow, ro, ("id", "key", "language", "goto", "play", "action",
+                                          "record"))
             oid = _str(errs, path, ro, "id", ow)
             key = _str(errs, path, ro, "key", ow)
             if key and key not in DTMF_KEYS:
@@ -359,9 +410,9 @@ def load_menu(path: Path, errs: _Collector) -> Menu | None:
                 errs.add(path, f"{ow}.id", f"option id {oid!r} is already used at {seen_ids[oid]}")
             elif oid:
                 seen_ids[oid] = ow
-            kinds = [k for k in ("language", "goto", "play", "action") if k in ro]
+            kinds = [k for k in ("language", "goto", "play", "action", "record") if k in ro]
             if len(kinds) != 1:
-                errs.add(path, ow, "needs exactly one of language, goto, play, action")
+                errs.add(path, ow, "needs exactly one of language, goto, play, action, record")
                 continue
             kind = kinds[0]
             target = _str(errs, path, ro, kind, ow)
@@ -387,7 +438,8 @@ def load_menu(path: Path, errs: _Collector) -> Menu | None:
 
 
 _FORMAT_KEYS = ("locale", "time", "time_minutes", "am", "pm", "hour_word", "minute_word",
-                "day_from", "day_to", "day_range", "list_separator", "hour_words", "day_names")
+                "day_from", "day_to", "day_range", "list_separator", "hour_words", "day_names",
+                "date", "date_year", "day_words")
 
 
 def _placeholders(text: str) -> set[str] | None:
@@ -404,7 +456,8 @@ def load_pack(path: Path, menu: Menu, errs: _Collector) -> Pack | None:
     except DataError as exc:
         errs.errors.append(exc)
         return None
-    _unknown(errs, path, "", data, ("pack", "format", "prompts", "asr", "nlu", "options"))
+    _unknown(errs, path, "", data, ("pack", "format", "prompts", "asr", "nlu", "options",
+                                    "digits"))
     meta = _table(errs, path, data, "pack")
     _unknown(errs, path, "pack", meta, ("language", "name", "voice", "asr_model", "offer"))
     language = _str(errs, path, meta, "language", "pack")
@@ -421,6 +474,16 @@ def load_pack(path: Path, menu: Menu, errs: _Collector) -> Pack | None:
         days = fmt_raw.get(key)
         if days is not None and (not isinstance(days, list) or len(days) != 7):
             errs.add(path, f"format.{key}", "needs the seven weekday names, Monday first")
+    day_words = fmt_raw.get("day_words")
+    if day_words is not None and (not isinstance(day_words, list) or len(day_words) != 31):
+        errs.add(path, "format.day_words", "needs 31 entries, for days 1 to 31")
+        day_words = None
+    for key in ("date", "date_year"):
+        tmpl = fmt_raw.get(key)
+        if tmpl is not None:
+            found = _placeholders(tmpl) if isinstance(tmpl, str) else None
+            if found is None or found - {"day", "month", "year"}:
+                errs.add(path, f"format.{key}", "expected a template over {day} {month} {year}")
     hour_words = fmt_raw.get("hour_words")
     if hour_words is not None and (not isinstance(hour_words, list) or len(hour_words) != 24):
         errs.add(path, "format.hour_words", "needs 24 entries, for hours 0 to 23")
@@ -451,6 +514,9 @@ def load_pack(path: Path, menu: Menu, errs: _Collector) -> Pack | None:
         list_separator=fmt_raw.get("list_separator", ", "),
         hour_words=tuple(hour_words or ()),
         day_names=tuple(fmt_raw.get("day_names") or ()),
+        date=fmt_raw.get("date") or "{day} {month}",
+        date_year=fmt_raw.get("date_year") or "{day} {month} {year}",
+        day_words=tuple(day_words or ()),
     )
 
     prompts_raw = _table(errs, path, data, "prompts")
@@ -475,6 +541,29 @@ def load_pack(path: Path, menu: Menu, errs: _Collector) -> Pack | None:
     nlu = data.get("nlu", {})
     _unknown(errs, path, "nlu", nlu, ("none_phrases",))
     none_phrases = _str_list(errs, path, nlu, "none_phrases", "nlu", required=False)
+
+    digits_raw = _table(errs, path, data, "digits")
+    _unknown(errs, path, "digits", digits_raw, ("words", "asr_words"))
+    words_raw = digits_raw.get("words", {}) if isinstance(digits_raw, dict) else {}
+    digit_words: dict[str, tuple[str, ...]] = {}
+    if not isinstance(words_raw, dict):
+        errs.add(path, "digits.words", 'expected a table like { "0" = ["zero"], ... }')
+        words_raw = {}
+    _unknown(errs, path, "digits.words", words_raw, DIGITS)
+    for d in DIGITS:
+        ws = _str_list(errs, path, words_raw, d, "digits.words") if words_raw else []
+        digit_words[d] = tuple(ws)
+    if not words_raw:
+        errs.add(path, "digits.words", "missing: the words for 0-9 a caller says in a number")
+    digit_asr = digits_raw.get("asr_words", {}) if isinstance(digits_raw, dict) else {}
+    if not isinstance(digit_asr, dict) or not all(isinstance(v, str) for v in
+                                                   digit_asr.values()):
+        errs.add(path, "digits.asr_words", 'expected a table of word = "ASR spelling"')
+        digit_asr = {}
+    all_digit_words = {w for ws in digit_words.values() for w in ws}
+    for k in digit_asr:
+        if k not in all_digit_words:
+            errs.add(path, f"digits.asr_words.{_quote(k)}", "is not one of the digit words")
 
     options_raw = _table(errs, path, data, "options")
     known = {o.id for o in menu.all_options()}
@@ -533,7 +622,8 @@ def load_pack(path: Path, menu: Menu, errs: _Collector) -> Pack | None:
                 voice=_str(errs, path, meta, "voice", "pack"),
                 asr_model=_str(errs, path, meta, "asr_model", "pack"), offer=offer, format=fmt,
                 prompts=prompts, options=options, decoys=tuple(decoys),
-                none_phrases=tuple(none_phrases), file=path)
+                none_phrases=tuple(none_phrases), file=path, digit_words=digit_words,
+                digit_asr=dict(digit_asr))
 
 
 def load_grammars(root: Path) -> Grammars:

@@ -140,6 +140,7 @@ class Supervisor:
         self.kamailio: subprocess.Popen[bytes] | None = None
         self.stop = threading.Event()
         self.restarts = 0
+        self.web: tuple[str, int] | None = None
 
     def _fork(self, index: int) -> None:
         pid = os.fork()
@@ -181,6 +182,7 @@ class Supervisor:
         if self.workers > 1:
             self._start_kamailio()
         memory_at = time.monotonic() + 5.0
+        httpd = start_web(self.core.cfg, self.web) if self.web else None
         while not self.stop.is_set():
             if memory_at and time.monotonic() > memory_at:
                 memory_at = 0.0
@@ -209,6 +211,8 @@ class Supervisor:
                 self.kamailio.wait(10)
             except subprocess.TimeoutExpired:
                 self.kamailio.kill()
+        if httpd is not None:
+            httpd.shutdown()
         log.info("stopped")
         return 0
 
@@ -230,8 +234,18 @@ class Supervisor:
                 self._fork(index)
 
 
+def start_web(cfg: Config, web: tuple[str, int]):  # type: ignore[no-untyped-def]
+    """The live, read-only report page (`serve --web`), in a thread of this process."""
+    from .report import LiveReport, serve_web
+
+    live = LiveReport(lambda: Store.from_config(cfg), cfg.var_dir / "report-live")
+    httpd = serve_web(live, *web)
+    print(f"voicebot: call report on http://{web[0]}:{web[1]}/", flush=True)
+    return httpd
+
+
 def serve(cfg: Config, workers: int = 1, listen: str | None = None,
-          at: dt.datetime | None = None) -> int:
+          at: dt.datetime | None = None, web: tuple[str, int] | None = None) -> int:
     """Load everything once, then serve calls until SIGINT or SIGTERM; returns 0."""
     listen = listen or cfg.sip.listen
     core = VoiceCore(cfg)
@@ -253,6 +267,16 @@ def serve(cfg: Config, workers: int = 1, listen: str | None = None,
     if workers == 1:
         stop = threading.Event()
         _install_stop_handlers(stop)
-        run_worker(core, 0, 1, listen, at, stop)
+        httpd = start_web(cfg, web) if web else None
+        try:
+            run_worker(core, 0, 1, listen, at, stop)
+        finally:
+            if httpd is not None:
+                httpd.shutdown()
         return 0
-    return Supervisor(core, workers, listen, at).run()
+    sup = Supervisor(core, workers, listen, at)
+    if web:
+        # Started in the master after it forked the first workers would be cleaner, but
+        # workers restarted later fork from it anyway; they never serve the page.
+        sup.web = web
+    return sup.run()

@@ -18,13 +18,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 
 from .asr import ModelStore, Recognizer, grammar_phrases
 from .config import Config
 from .dialog import (
+    BEEP,
     Action,
+    ApplicationFound,
     CallerHungUp,
     CallStarted,
     DialogEngine,
@@ -35,21 +38,28 @@ from .dialog import (
     InputTimeout,
     Listen,
     LogTurn,
+    LookupApplication,
     Play,
     Prompt,
     PromptFinished,
+    RecordingSaved,
+    RequestCallback,
     SpeechRecognized,
     SpeechStarted,
+    StartRecording,
     StopListening,
     StopPlayback,
+    StopRecording,
     Turn,
 )
 from .dtmf import DtmfDetector
+from .duties import MessageRecorder
 from .frames import AudioFrame, resample
 from .hours import WorkingHours
 from .menus import Grammars, load_grammars
 from .nlu import IntentModel, load_or_train, turn_score
 from .playback import Player
+from .store import Store
 from .tts import PromptCache
 from .vad import Endpointer, UtteranceEnded
 from .vad import SpeechStarted as VadSpeechStarted
@@ -143,8 +153,21 @@ class VoiceCore:
 
     def session(self, call_id: str, sample_rate: int = 8000,
                 on_action: Callable[[Action], None] | None = None,
-                on_turn: Callable[[Turn], None] | None = None) -> CallSession:
-        return CallSession(self, call_id, sample_rate, on_action, on_turn)
+                on_turn: Callable[[Turn], None] | None = None,
+                store: Store | None = None, caller: str | None = None) -> CallSession:
+        """One call. store: where application statuses are read and tickets, messages and
+        callbacks are written (without one the status menu finds nothing and messages are
+        not kept); caller: the caller's number, for callbacks."""
+        session = CallSession(self, call_id, sample_rate, on_action, on_turn)
+        session.store = store
+        session.caller = caller
+        return session
+
+    def message_path(self, ticket: str, kind: str, at: dt.datetime) -> Path:
+        """Where a recorded message goes: <recording folder>/messages/<day>/<ticket>-<kind>.wav."""
+        folder = Path(self.cfg.recording.folder)
+        folder = folder if folder.is_absolute() else self.cfg.base / folder
+        return folder / "messages" / at.strftime("%Y-%m-%d") / f"{ticket}-{kind}.wav"
 
 
 @dataclass
@@ -205,6 +228,12 @@ class CallSession:
         self.ended = threading.Event()
         self.notice_done = threading.Event()  # the recording notice has been said in full
         self._notice_play: int | None = None
+        self.store: Store | None = None
+        self.caller: str | None = None
+        self.started_at: dt.datetime | None = None
+        self._recorder: MessageRecorder | None = None
+        self._ticket: str | None = None
+        self._record_max_ms = 0.0
         self.stats = CallStats()
         self._idle = threading.Condition()
         self._busy = 0
@@ -237,6 +266,7 @@ class CallSession:
     # --- control ---
 
     def start(self, at: dt.datetime, language: str | None = None) -> None:
+        self.started_at = at
         self.post(CallStarted(at, language, 0.0))
 
     def drain(self, timeout: float = 30.0) -> None:
@@ -254,7 +284,7 @@ class CallSession:
     def waiting_for_input(self) -> bool:
         """The bot has said everything and listens: the caller's turn."""
         return (self.listen is not None and not self.player.busy and not self.engine.playing
-                and self.engine.mode in ("menu", "confirm"))
+                and self.engine.accepting_input)
 
     # --- player callbacks (media clock thread): only enqueue ---
 
@@ -307,12 +337,16 @@ class CallSession:
         if self._utt is not None and self.vad.in_speech and not self._utt.masked:
             for lang in self._utt.languages:
                 self._recognizers[lang].accept(frame.samples)
+        if self._recorder is not None:
+            self._recorder.write(frame.samples, self.vad.in_speech)
+            if self._recorder.duration_ms >= self._record_max_ms:
+                self._stop_recording("max_duration")
         self._check_timeout()
         self._flush_turns()
         self.stats.frame_cost_us.append((time.perf_counter() - t0) * 1e6)
 
     def _check_timeout(self) -> None:
-        listening = self.listen is not None and self.engine.mode in ("menu", "confirm")
+        listening = self.listen is not None and self.engine.accepting_input
         if not listening or self.player.busy or self.engine.playing or self.vad.in_speech:
             self._quiet_since = None
             return
@@ -327,6 +361,7 @@ class CallSession:
         if last and last[0] == digit and last[2] != method and t_ms - last[1] < DTMF_DEDUPE_MS:
             return
         self._last_digit = (digit, t_ms, method)
+        self._quiet_since = None  # a key is input: the no-input time starts again after it
         if self._utt is not None:
             self._utt.masked = True
         self._dispatch_timing_barge_in(DtmfReceived(digit, t_ms, method), t_ms)
@@ -354,6 +389,9 @@ class CallSession:
         if utt is None:
             return
         results = []
+        if self.listen is not None and self.listen.grammar == "digits":
+            self._digits_ended(utt, ev)
+            return
         for lang in utt.languages:
             res = self._recognizers[lang].finish()
             self.stats.asr_finalize_ms.append(res.finalize_ms)
@@ -417,6 +455,66 @@ class CallSession:
                 self.listen = None
             case HangUp():
                 self._finish(self.engine.outcome)
+            case LookupApplication():
+                self._lookup(action)
+            case StartRecording():
+                self._start_recording(action)
+            case StopRecording():
+                self._stop_recording(action.reason)
+            case RequestCallback():
+                if self.store is not None:
+                    self.store.add_callback(self.call_id, self.caller, action.language,
+                                            action.reason)
+                log.info("call %s callback requested reason=%s caller=%s", self.call_id,
+                         action.reason, self.caller)
+
+    # --- duties: the store's answers go back to the engine as events, through the queue ---
+
+    def _lookup(self, action: LookupApplication) -> None:
+        found = self.store.application(action.number) if self.store is not None else None
+        status, date = found if found else (None, None)
+        self._enqueue("event", ApplicationFound(self._now_ms, action.number, status, date))
+
+    def _start_recording(self, action: StartRecording) -> None:
+        if self.store is None:
+            log.warning("call %s: no store, the %s message is not kept", self.call_id,
+                        action.kind)
+            ticket = "0"
+        else:
+            ticket = self.store.open_ticket(self.call_id, self.caller, action.language,
+                                            action.kind)
+        at = self.started_at or dt.datetime.now(dt.UTC)
+        path = self.core.message_path(ticket, action.kind, at)
+        self._ticket = ticket
+        self._recorder = MessageRecorder(path, self.sample_rate)
+        self._record_max_ms = action.max_ms
+        log.info("call %s recording %s message, ticket %s -> %s", self.call_id, action.kind,
+                 ticket, path)
+
+    def _stop_recording(self, reason: str) -> None:
+        rec, self._recorder = self._recorder, None
+        if rec is None or self._ticket is None:
+            return
+        try:
+            path: Path | None = rec.finish()
+        except OSError as exc:
+            log.error("call %s: message %s not saved: %s", self.call_id, self._ticket, exc)
+            path = None
+        if self.store is not None:
+            self.store.close_ticket(self._ticket, str(path) if path else None, rec.duration_ms,
+                                    rec.speech_ms, reason)
+        if reason != "hangup" and not self.ended.is_set():
+            self._enqueue("event", RecordingSaved(self._now_ms, self._ticket, rec.duration_ms,
+                                                  rec.speech_ms, reason))
+
+    def _digits_ended(self, utt: _Utterance, ev: UtteranceEnded) -> None:
+        """An utterance at the number prompt: digit words, no intent classifier."""
+        results = [(lang, self._recognizers[lang].finish()) for lang in utt.languages]
+        if utt.masked or ev.too_short or not results:
+            return
+        lang, res = max(results, key=lambda r: (bool(r[1].text), r[1].confidence))
+        self._dispatch(SpeechRecognized(self._now_ms, lang, res.text, res.confidence, None,
+                                        res.confidence, ev.end_ms))
 
     def _play(self, play: Play) -> None:
         if any(p.key == "welcome" for p in play.prompts):
@@ -426,8 +524,11 @@ class CallSession:
         marks: list[tuple[int, object]] = []
         offset = 0
         for i, prompt in enumerate(play.prompts):
-            audio = self.core.prompts.get(prompt.text, prompt.voice)
-            audio = resample(audio, self.core.prompts.sample_rate, self.sample_rate)
+            if prompt.key == BEEP:
+                audio = beep(self.sample_rate)
+            else:
+                audio = self.core.prompts.get(prompt.text, prompt.voice)
+                audio = resample(audio, self.core.prompts.sample_rate, self.sample_rate)
             if i:
                 parts.append(gap)
                 offset += len(gap)
@@ -445,7 +546,12 @@ class CallSession:
                 model = self.core.models.get(name)
                 rec = Recognizer(model, self.sample_rate, self.core.models.has_unk(name))
                 self._recognizers[lang] = rec
-            if self.core.cfg.asr.grammar:
+            if listen.grammar == "digits":
+                # Digit words only, plus decoys so other speech has somewhere to go.
+                pack = self.core.grammars.packs[lang]
+                rec.set_grammar([*pack.digit_grammar(),
+                                 *grammar_phrases(pack, (), True, rec.has_unk)])
+            elif self.core.cfg.asr.grammar:
                 pack = self.core.grammars.packs[lang]
                 rec.set_grammar(grammar_phrases(pack, listen.options, True, rec.has_unk))
             else:
@@ -477,7 +583,18 @@ class CallSession:
         if self.ended.is_set():
             return
         self.result = result
+        if self._recorder is not None:
+            self._stop_recording("hangup")  # the caller left mid-message: keep what was said
         self._flush_turns(final=True)
         self.player.stop()
         self.listen = None
         self.ended.set()
+
+
+def beep(sample_rate: int, ms: int = 400, hz: float = 1000.0, dbfs: float = -14.0) -> np.ndarray:
+    """The tone before a message: the caller starts speaking when it ends."""
+    t = np.arange(sample_rate * ms // 1000) / sample_rate
+    amp = 32767 * 10 ** (dbfs / 20) * np.sqrt(2)
+    tone = amp * np.sin(2 * np.pi * hz * t)
+    ramp = np.minimum(1.0, np.minimum(t, t[::-1]) / 0.01)  # 10 ms fades: no clicks
+    return (tone * ramp).astype(np.int16)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from .dtmf import DTMF_KEYS, generate
 from .frames import AudioFrame, read_audio, samples_per_frame, silence, write_wav
 from .menus import normalize_text
 from .session import CallSession, PlayedPrompt, VoiceCore
+from .store import Store
 from .tts import PromptCache
 
 TICK_MS = 20
@@ -34,14 +36,16 @@ CALLER_LEVEL_DBFS = -20.0
 
 @dataclass(frozen=True)
 class CallerInput:
-    """One caller turn. kind: press (value = keys), say (text), say_wav (path), silent."""
+    """One caller turn. kind: press (value = keys), say (text), say_wav (path), silent,
+    hangup (the caller hangs up as soon as its previous input has been sent)."""
 
     kind: str
     value: str = ""
 
     def describe(self) -> str:
         return {"press": f"presses {self.value}", "say": f"says {self.value!r}",
-                "say_wav": f"plays {self.value}", "silent": "stays silent"}[self.kind]
+                "say_wav": f"plays {self.value}", "silent": "stays silent",
+                "hangup": "hangs up"}[self.kind]
 
 
 @dataclass
@@ -68,7 +72,8 @@ class Simulator:
                  language: str | None = None, barge_in_ms: int | None = None,
                  transfer_fails: bool = False, sample_rate: int = 8000,
                  record: Path | None = None, reply_pause_ms: int = 400,
-                 max_call_ms: int = 15 * 60 * 1000) -> None:
+                 max_call_ms: int = 15 * 60 * 1000, store: Store | None = None,
+                 caller: str = "simulator") -> None:
         self.core = core
         self.inputs = list(inputs)
         self.at = at
@@ -79,6 +84,10 @@ class Simulator:
         self.record = record
         self.reply_pause_ms = reply_pause_ms
         self.max_call_ms = max_call_ms
+        # With a store the call is recorded like a real one (calls, turns, tickets,
+        # callbacks) and the status menu reads applications from it.
+        self.store = store
+        self.caller = caller
         self._voice_cache = PromptCache(core.cfg.audio_dir / "cache" / "caller", sample_rate,
                                         CALLER_RATE_WPM, CALLER_LEVEL_DBFS)
         self._transferred = False
@@ -140,8 +149,15 @@ class Simulator:
         core = self.core
         n = samples_per_frame(self.rate, TICK_MS)
         holder: list[CallSession] = []
-        session = core.session("sim", self.rate,
-                               on_action=lambda a: self._on_action(a, holder[0]))
+        call_id = f"sim-{uuid.uuid4().hex[:12]}" if self.store is not None else "sim"
+        store = self.store
+        if store is not None:
+            store.call_started(call_id, None, self.caller, "simulate",
+                               started_at=self.at.isoformat(timespec="milliseconds"))
+        session = core.session(call_id, self.rate,
+                               on_action=lambda a: self._on_action(a, holder[0]),
+                               on_turn=(lambda t: store.add_turn(call_id, t)) if store else None,
+                               store=store, caller=self.caller)
         holder.append(session)
         tx_all: list[np.ndarray] = []
         rx_all: list[np.ndarray] = []
@@ -160,12 +176,21 @@ class Simulator:
             while t < self.max_call_ms:
                 tx_all.append(session.pull_audio(n))
                 answered = len(session.turns) >= turns_needed
-                if answered and pending and self._caller_may_speak(session, t, waiting_since):
+                if (pending and pending[0].kind == "hangup" and send_pos >= len(sending)
+                        and (answered or session.engine.mode == "recording"
+                             or not session.engine.accepting_input)):
+                    caller_log.append((t, pending.pop(0).describe()))
+                    break
+                if (answered and pending and send_pos >= len(sending)
+                        and self._caller_may_speak(session, t, waiting_since)):
                     inp = pending.pop(0)
                     caller_log.append((t, inp.describe()))
                     sending = self.caller_audio(inp, session.engine.language)
                     send_pos = 0
-                    turns_needed = len(session.turns) + 1
+                    # A message being recorded is no turn: the next input (# or hang-up)
+                    # follows it at once.
+                    recording = session.engine.mode == "recording"
+                    turns_needed = len(session.turns) + (0 if recording else 1)
                 chunk = sending[send_pos:send_pos + n]
                 send_pos += n
                 if len(chunk) < n:
@@ -178,6 +203,7 @@ class Simulator:
                     break
                 waiting_since = (waiting_since or t) if session.waiting_for_input else None
                 if (not pending and len(session.turns) >= turns_needed
+                        and send_pos >= len(sending) and session.engine.mode != "recording"
                         and waiting_since is not None and t - waiting_since >= self.reply_pause_ms):
                     break  # the caller heard the answer to its last input and hangs up
             if not session.ended.is_set():
@@ -185,6 +211,9 @@ class Simulator:
                 session.drain()
         finally:
             session.close()
+        if store is not None:
+            store.call_ended(call_id, session.result or session.engine.outcome,
+                             session.engine.language, None, "caller")
         recording = None
         if self.record is not None:
             mix = _mix(rx_all, tx_all)

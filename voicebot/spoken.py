@@ -56,3 +56,16 @@ def say_hours(pack: Pack, hours: WorkingHours) -> str:
         open=say_time(pack, hours.open),
         close=say_time(pack, hours.close),
     )
+
+
+def say_date(pack: Pack, date: dt.date, today: dt.date | None = None) -> str:
+    """A date as the pack's voice should say it: the month name from CLDR in the form a date
+    takes (babel: "ноября", "noyabr", "11월"), the day as a word where the pack gives them
+    (ordinals, Russian genitive), the year only when it is not the current one."""
+    from babel.dates import format_date
+
+    fmt = pack.format
+    month = format_date(date, "MMMM", locale=fmt.locale)
+    day = fmt.day_words[date.day - 1] if fmt.day_words else str(date.day)
+    template = fmt.date if today is not None and today.year == date.year else fmt.date_year
+    return " ".join(template.format(day=day, month=month, year=date.year).split())

@@ -58,7 +58,39 @@ SCHEMA = [
     )""",
     "CREATE INDEX IF NOT EXISTS calls_started ON calls (started_at)",
     "CREATE INDEX IF NOT EXISTS calls_sip ON calls (sip_call_id)",
+    # Call-centre duties. Applications are imported from the case system's CSV export.
+    """CREATE TABLE IF NOT EXISTS applications (
+        number TEXT PRIMARY KEY,
+        status TEXT NOT NULL,
+        status_date TEXT NOT NULL,
+        imported_at TEXT
+    )""",
+    """CREATE TABLE IF NOT EXISTS tickets (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        ticket TEXT,
+        call_id TEXT,
+        caller TEXT,
+        language TEXT,
+        kind TEXT,
+        state TEXT,
+        recording TEXT,
+        duration_ms REAL,
+        speech_ms REAL,
+        ended_by TEXT,
+        created_at TEXT
+    )""",
+    """CREATE TABLE IF NOT EXISTS callbacks (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        call_id TEXT,
+        caller TEXT,
+        language TEXT,
+        reason TEXT,
+        created_at TEXT,
+        done_at TEXT
+    )""",
 ]
+
+TICKET_BASE = 100000  # tickets are said digit by digit: six digits from the first one
 
 
 def now() -> str:
@@ -125,6 +157,9 @@ class Store:
                 self._conn.execute("SELECT pg_advisory_lock(919001)")
             try:
                 for stmt in SCHEMA:
+                    if dsn:  # PostgreSQL spells an auto-numbered key differently
+                        stmt = stmt.replace("INTEGER PRIMARY KEY AUTOINCREMENT",
+                                            "SERIAL PRIMARY KEY")
                     self._conn.execute(stmt)
             finally:
                 if dsn:
@@ -233,6 +268,80 @@ class Store:
                                       json.loads(r[9] or "[]"), r[10], r[11], r[12], r[13],
                                       turns))
         return out
+
+    # --- call-centre duties ---
+
+    def _insert_id(self, sql: str, args: Sequence[Any]) -> int:
+        """INSERT ... RETURNING id (SQLite 3.35+ and PostgreSQL both have RETURNING)."""
+        with self._cursor() as cur:
+            cur.execute(self._q(sql + " RETURNING id"), tuple(args))
+            return int(cur.fetchone()[0])
+
+    def upsert_applications(self, rows: Sequence[tuple[str, str, str]]) -> int:
+        """Insert or replace (number, status, ISO date) rows; returns how many."""
+        stamp = now()
+        with self._cursor() as cur:
+            for number, status, date in rows:
+                cur.execute(self._q(
+                    "INSERT INTO applications (number, status, status_date, imported_at) "
+                    "VALUES (?, ?, ?, ?) ON CONFLICT (number) DO UPDATE SET "
+                    "status = excluded.status, status_date = excluded.status_date, "
+                    "imported_at = excluded.imported_at"), (number, status, date, stamp))
+        return len(rows)
+
+    def application(self, number: str) -> tuple[str, dt.date] | None:
+        """(status, date) of an application, or None."""
+        with self._cursor() as cur:
+            cur.execute(self._q("SELECT status, status_date FROM applications WHERE number = ?"),
+                        (number,))
+            row = cur.fetchone()
+        return (row[0], dt.date.fromisoformat(row[1])) if row else None
+
+    def open_ticket(self, call_id: str, caller: str | None, language: str | None,
+                    kind: str) -> str:
+        """A new ticket for a message being recorded; returns its number (said to the caller)."""
+        tid = self._insert_id("INSERT INTO tickets (call_id, caller, language, kind, state, "
+                              "created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                              (call_id, caller, language, kind, "recording", now()))
+        ticket = str(TICKET_BASE + tid)
+        self._exec("UPDATE tickets SET ticket = ? WHERE id = ?", (ticket, tid))
+        return ticket
+
+    def close_ticket(self, ticket: str, recording: str | None, duration_ms: float,
+                     speech_ms: float, ended_by: str) -> None:
+        state = "received" if speech_ms > 0 else "empty"
+        self._exec("UPDATE tickets SET state = ?, recording = ?, duration_ms = ?, speech_ms = ?,"
+                   " ended_by = ? WHERE ticket = ?",
+                   (state, recording, duration_ms, speech_ms, ended_by, ticket))
+
+    def tickets(self) -> list[dict[str, Any]]:
+        cols = ("ticket", "call_id", "caller", "language", "kind", "state", "recording",
+                "duration_ms", "speech_ms", "ended_by", "created_at")
+        with self._cursor() as cur:
+            cur.execute(f"SELECT {', '.join(cols)} FROM tickets ORDER BY id")
+            return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+    def add_callback(self, call_id: str, caller: str | None, language: str | None,
+                     reason: str) -> int:
+        return self._insert_id("INSERT INTO callbacks (call_id, caller, language, reason, "
+                               "created_at) VALUES (?, ?, ?, ?, ?)",
+                               (call_id, caller, language, reason, now()))
+
+    def callbacks(self, outstanding_only: bool = False) -> list[dict[str, Any]]:
+        cols = ("id", "call_id", "caller", "language", "reason", "created_at", "done_at")
+        sql = f"SELECT {', '.join(cols)} FROM callbacks"
+        if outstanding_only:
+            sql += " WHERE done_at IS NULL"
+        with self._cursor() as cur:
+            cur.execute(sql + " ORDER BY id")
+            return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+    def callback_done(self, callback_id: int) -> bool:
+        """Mark a callback made; False when there is no such outstanding callback."""
+        with self._cursor() as cur:
+            cur.execute(self._q("UPDATE callbacks SET done_at = ? WHERE id = ? AND "
+                                "done_at IS NULL"), (now(), callback_id))
+            return bool(cur.rowcount)
 
     def close(self) -> None:
         with self._lock:

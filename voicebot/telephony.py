@@ -223,6 +223,22 @@ def _wait_wav_header(path: Path, timeout: float = 2.0) -> bool:
         time.sleep(0.005)
 
 
+def _wait_wav_header(path: Path, timeout: float = 2.0) -> bool:
+    """Wait until PJSIP's WAV writer has filled in the RIFF size (0 while recording)."""
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            with path.open("rb") as f:
+                head = f.read(8)
+        except OSError:
+            return False
+        if len(head) == 8 and head[:4] == b"RIFF" and int.from_bytes(head[4:], "little"):
+            return True
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.005)
+
+
 def _user_of(uri: str) -> str:
     m = re.search(r"sips?:([^@;>\s]+)@", uri)
     return m.group(1) if m else ""
@@ -296,7 +312,8 @@ class BotCall(pj.Call):
                 rate, codec = stream_rate(self, mi.index, self.tel.cfg.sip.clock_rate)
                 self.tel.log_event(self, "media", f"codec={codec}/{rate}")
                 session = self.tel.core.session(self.id, rate, on_action=self._on_action,
-                                                on_turn=self._on_turn)
+                                                on_turn=self._on_turn, store=self.tel.store,
+                                                caller=self.caller)
                 self.session = session
                 self.port = MediaPort(session.push_audio, session.pull_audio, rate,
                                       f"vb-{self.id}")
