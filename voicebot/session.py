@@ -221,6 +221,7 @@ class CallSession:
         self._now_ms = 0.0
         self._last_digit: tuple[str, float, str] | None = None
         self._pending_turns: list[tuple[Turn, int]] = []
+        self._awaiting_reply: list[Turn] = []  # logged before a lookup; replied to later
         self._play_started_ms: dict[int, float] = {}
         self.turns: list[Turn] = []
         self.played: list[PlayedPrompt] = []
@@ -416,14 +417,26 @@ class CallSession:
 
     def _dispatch(self, event: Event) -> None:
         actions = self.engine.handle(event)
+        first_play = next((a for a in actions if isinstance(a, Play)), None)
+        if first_play is not None and self._awaiting_reply:
+            # Turns answered only after a lookup: their reply is this play.
+            head = first_play.prompts[0] if first_play.prompts else None
+            for turn in self._awaiting_reply:
+                if turn.prompt is None and head is not None:
+                    turn = replace(turn, prompt=head.key, prompt_text=head.text)
+                self._pending_turns.append((turn, first_play.play_id))
+            self._awaiting_reply = []
         # The engine logs a turn just before the play that answers it; the turn is emitted
         # once that play's first sample goes out, which is when its latency is known.
         for i, action in enumerate(actions):
             if isinstance(action, LogTurn):
                 # Its reply is the first play after it (keys typed ahead during the welcome
                 # come out as several turns, each with its own reply, in one batch).
-                reply = next((a.play_id for a in actions[i + 1:] if isinstance(a, Play)), None)
-                if reply is None:
+                reply = next((a.play_id for a in actions[i + 1:] if isinstance(a, Play)),
+                             next((a.play_id for a in actions if isinstance(a, Play)), None))
+                if reply is None and any(isinstance(a, LookupApplication) for a in actions):
+                    self._awaiting_reply.append(action.turn)
+                elif reply is None:
                     self._emit_turn(action.turn)
                 else:
                     self._pending_turns.append((action.turn, reply))
@@ -559,6 +572,10 @@ class CallSession:
 
     def _flush_turns(self, final: bool = False) -> None:
         """Emit turns whose reply started playing, with the input-to-reply latency."""
+        if final:
+            for turn in self._awaiting_reply:
+                self._emit_turn(turn)
+            self._awaiting_reply = []
         keep = []
         for turn, play_id in self._pending_turns:
             started = self._play_started_ms.get(play_id)
