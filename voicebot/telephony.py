@@ -223,22 +223,6 @@ def _wait_wav_header(path: Path, timeout: float = 2.0) -> bool:
         time.sleep(0.005)
 
 
-def _wait_wav_header(path: Path, timeout: float = 2.0) -> bool:
-    """Wait until PJSIP's WAV writer has filled in the RIFF size (0 while recording)."""
-    end = time.monotonic() + timeout
-    while True:
-        try:
-            with path.open("rb") as f:
-                head = f.read(8)
-        except OSError:
-            return False
-        if len(head) == 8 and head[:4] == b"RIFF" and int.from_bytes(head[4:], "little"):
-            return True
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.005)
-
-
 def _user_of(uri: str) -> str:
     m = re.search(r"sips?:([^@;>\s]+)@", uri)
     return m.group(1) if m else ""
