@@ -280,3 +280,29 @@ def test_hang_up_ends_everything(grammars, cfg):  # type: ignore[no-untyped-def]
     c.send(CallerHungUp(1500))
     assert c.engine.mode == "ended"
     assert c.send(DtmfReceived("1", 1600)) == []
+
+
+def test_spoken_number_in_groups_is_one_turn_after_the_pause(grammars, cfg):  # type: ignore[no-untyped-def]
+    call = Call(grammars, cfg, language="ko")
+    call.press("3")  # main.status: the number prompt
+    call.finish_prompts()
+    # Two groups with a pause between them: no reply, no turn, only a shorter silence timer.
+    for text in ("삼 오", "칠"):
+        out = call.say(None, 0.9, text=text)
+        assert not [a for a in out if isinstance(a, (Play, LogTurn))]
+        listen = next(a for a in out if isinstance(a, Listen))
+        assert listen.grammar == "digits" and listen.no_input_ms == 1500
+    end_of_speech = call.t - 300
+    call.t += 1500
+    out = call.send(InputTimeout(call.t))
+    turn = next(a.turn for a in out if isinstance(a, LogTurn))
+    assert (turn.input, turn.heard, turn.result) == ("speech", "삼 오 칠", "number")
+    assert turn.input_end_ms == end_of_speech  # its latency includes the pause
+    readback = next(a for a in out if isinstance(a, Play))
+    assert readback.prompts[0].key == "status_readback" and "3 5 7" in readback.prompts[0].text
+    # A number said with no digit words at all is a no-match at once.
+    call = Call(grammars, cfg, language="ko")
+    call.press("3")
+    out = call.say(None, 0.0, text="날씨")
+    turn = next(a.turn for a in out if isinstance(a, LogTurn))
+    assert turn.result == "no_match"

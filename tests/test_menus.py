@@ -203,3 +203,10 @@ def test_menus_show_prints_tree() -> None:
     assert "main.operator" in res.stdout and "operator, agent" in res.stdout
     assert "info.registration" in res.stdout
     assert "9  nav.repeat" in res.stdout
+
+
+def test_year_words_num2words_cannot_do(grammars_copy: Path) -> None:
+    edit(grammars_copy / "packs" / "ru.toml", 'year_words = { to = "ordinal", case = "genitive" }',
+         'year_words = { to = "ordinal", case = "vocative" }')
+    (err,) = load_errors(grammars_copy)
+    assert "ru.toml" in str(err) and "format.year_words" in str(err)

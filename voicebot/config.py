@@ -121,6 +121,9 @@ class DialogConfig:
     """Turn-taking rules."""
 
     no_input_ms: int = 6000  # silence after a prompt that counts as no input
+    # Silence (ms) after spoken digits that ends the number: callers say numbers in
+    # groups ("three five ... seven"), so one utterance is not the whole number.
+    digit_pause_ms: int = 1500
     max_retries: int = 2  # re-prompts after no-input/no-match before escalating
     max_call_s: int = 900
 

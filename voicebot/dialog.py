@@ -310,6 +310,7 @@ class DialogSettings:
     confirm: float = 0.40
     max_retries: int = 2
     no_input_ms: int = 6000
+    digit_pause_ms: int = 1500  # silence after spoken digits that ends the number
     operator_uri: str = "sip:operator@127.0.0.1:5099"
     status_attempts: int = 3  # failed tries at the status menu before operator/callback
     record_max_ms: int = 120_000
@@ -334,6 +335,9 @@ class _State:
     transferred: bool = False
     started: dt.datetime | None = None
     digits: str = ""  # application number being entered
+    digits_said: tuple[str, ...] = ()  # what ASR heard, utterance by utterance
+    digits_end_ms: float | None = None  # end of the last spoken group (media time)
+    digits_conf: float = 1.0  # lowest ASR confidence over the spoken groups
     number: str = ""  # number read back / looked up
     status_failures: int = 0
     callback_reason: str = ""
@@ -730,6 +734,9 @@ class DialogEngine:
         self.st.node = "status"
         self.st.mode = "digits"
         self.st.digits = ""
+        self.st.digits_said = ()
+        self.st.digits_end_ms = None
+        self.st.digits_conf = 1.0
         self.st.pending = None
         return [self._play((*lead, self._prompt("status_ask"))),
                 Listen("status", self._speech_langs(), (), self.s.no_input_ms, "digits")]
@@ -749,11 +756,23 @@ class DialogEngine:
                     StopListening()]
         return self._offer_callback((*lead, self._prompt("operator_closed")), "status_failed")
 
+    def _number_done(self, t_ms: float, key: str = "", barge: bool = False) -> list[Action]:
+        """The number is complete (``#``, or a pause after it): one turn for all of it."""
+        spoken = self.st.digits_said
+        heard = " ".join(spoken) if spoken else self.st.digits + key
+        result = "number" if self.st.digits else "no_match"
+        end = self.st.digits_end_ms if spoken else t_ms
+        confidence = self.st.digits_conf if spoken else 1.0
+        out = self._number_entered(t_ms)
+        return [self._turn(t_ms, "speech" if spoken else "dtmf", heard, confidence, None, result,
+                           out, barge, end, "status", self.st.language), *out]
+
     def _number_entered(self, t_ms: float) -> list[Action]:
         if not self.st.digits:
             return self._status_failure("no_match", t_ms)
         self.st.number = self.st.digits
         self.st.digits = ""
+        self.st.digits_said = ()
         self.st.mode = "status_confirm"
         return [self._play((self._prompt("status_readback", number=self.spell(self.st.number)),)),
                 self._yes_no_listen()]
@@ -814,11 +833,7 @@ class DialogEngine:
                 return stop
             if ev.digit != "#":
                 return stop
-            heard = self.st.digits
-            out = self._number_entered(ev.t_ms)
-            result = "number" if heard else "no_match"
-            return [*stop, self._turn(ev.t_ms, "dtmf", heard + "#", 1.0, None, result, out,
-                                      barge, ev.t_ms, "status", self.st.language), *out]
+            return [*stop, *self._number_done(ev.t_ms, "#", barge)]
         answer = self._yes_no(ev.digit, None)
         return [*stop, *self._answer(answer, ev.t_ms, "dtmf", ev.digit, 1.0, barge, ev.t_ms,
                                      self.st.language)]
@@ -834,12 +849,23 @@ class DialogEngine:
         self.st.barged = False
         stop = self._stop("barge-in: speech")
         if mode == "digits":
-            self.st.digits = self.g.pack(ev.language).parse_digits(ev.text)[:MAX_NUMBER_DIGITS]
-            heard = self.st.digits
+            said = self.g.pack(ev.language).parse_digits(ev.text)
+            if said:
+                # More groups may follow: the number ends after digit_pause_ms of silence
+                # (InputTimeout) or on #, and is one turn then.
+                self.st.digits = (self.st.digits + said)[:MAX_NUMBER_DIGITS]
+                self.st.digits_said = (*self.st.digits_said, ev.text)
+                self.st.digits_end_ms = ev.input_end_ms
+                self.st.digits_conf = min(self.st.digits_conf, ev.asr_confidence)
+                self.st.language = self.st.language or ev.language
+                return [*stop, Listen("status", self._speech_langs(), (),
+                                      self.s.digit_pause_ms, "digits")]
+            if self.st.digits:
+                return stop  # a cough or a word between groups: keep waiting for digits
             out = self._number_entered(ev.t_ms)
             return [*stop, self._turn(ev.t_ms, "speech", ev.text, ev.asr_confidence, None,
-                                      "number" if heard else "no_match", out, barge,
-                                      ev.input_end_ms, "status", ev.language), *out]
+                                      "no_match", out, barge, ev.input_end_ms, "status",
+                                      ev.language), *out]
         answer = self._yes_no(None, ev.option if ev.score >= self.s.confirm else None)
         return [*stop, *self._answer(answer, ev.t_ms, "speech", ev.text, ev.score, barge,
                                      ev.input_end_ms, ev.language)]
@@ -887,11 +913,9 @@ class DialogEngine:
             self.st.mode = "saving"
             return [StopRecording("silence"), StopListening()]
         if mode == "digits" and self.st.digits:
-            # The caller keyed a number but forgot #: take it as entered.
-            heard = self.st.digits
-            out = self._number_entered(ev.t_ms)
-            return [self._turn(ev.t_ms, "dtmf", heard, 1.0, None, "number", out, False,
-                               ev.t_ms, "status", self.st.language), *out]
+            # The caller paused after spoken digits, or keyed a number but forgot #: the
+            # number is complete.
+            return self._number_done(ev.t_ms)
         if mode == "digits":
             out = self._status_failure("no_input", ev.t_ms)
             node = "status"

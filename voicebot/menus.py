@@ -184,6 +184,9 @@ class Format:
     date: str = "{day} {month}"
     date_year: str = "{day} {month} {year}"
     day_words: tuple[str, ...] = ()  # 31 spoken days of the month
+    # How {year} is said, as num2words arguments ({"to": "ordinal", "case": "genitive"}
+    # gives Russian "две тысячи двадцать пятого"); empty: digits, for espeak-ng to read.
+    year_words: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -439,7 +442,25 @@ def load_menu(path: Path, errs: _Collector) -> Menu | None:
 
 _FORMAT_KEYS = ("locale", "time", "time_minutes", "am", "pm", "hour_word", "minute_word",
                 "day_from", "day_to", "day_range", "list_separator", "hour_words", "day_names",
-                "date", "date_year", "day_words")
+                "date", "date_year", "day_words", "year_words")
+
+
+def _check_year_words(errs, path: Path, spec: object,  # type: ignore[no-untyped-def]
+                      pack_language: str) -> dict[str, str] | None:
+    """format.year_words: num2words arguments, tried on a year so a bad one fails on load."""
+    if not isinstance(spec, dict) or not all(isinstance(v, str) for v in spec.values()):
+        errs.add(path, "format.year_words",
+                 'expected a table of num2words arguments, e.g. { to = "ordinal" }')
+        return None
+    try:
+        from num2words import num2words
+
+        num2words(2025, lang=pack_language, **spec)
+    except (NotImplementedError, TypeError, ValueError, AttributeError, KeyError) as exc:
+        errs.add(path, "format.year_words",
+                 f"num2words cannot say a year with {spec} in {pack_language!r}: {exc}")
+        return None
+    return dict(spec)
 
 
 def _placeholders(text: str) -> set[str] | None:
@@ -484,6 +505,10 @@ def load_pack(path: Path, menu: Menu, errs: _Collector) -> Pack | None:
             found = _placeholders(tmpl) if isinstance(tmpl, str) else None
             if found is None or found - {"day", "month", "year"}:
                 errs.add(path, f"format.{key}", "expected a template over {day} {month} {year}")
+    year_words = fmt_raw.get("year_words")
+    if year_words is not None:
+        year_words = _check_year_words(errs, path, year_words,
+                                       pack_language=language or path.stem)
     hour_words = fmt_raw.get("hour_words")
     if hour_words is not None and (not isinstance(hour_words, list) or len(hour_words) != 24):
         errs.add(path, "format.hour_words", "needs 24 entries, for hours 0 to 23")
@@ -517,6 +542,7 @@ def load_pack(path: Path, menu: Menu, errs: _Collector) -> Pack | None:
         date=fmt_raw.get("date") or "{day} {month}",
         date_year=fmt_raw.get("date_year") or "{day} {month} {year}",
         day_words=tuple(day_words or ()),
+        year_words=tuple(sorted((year_words or {}).items())),
     )
 
     prompts_raw = _table(errs, path, data, "prompts")

@@ -15,7 +15,10 @@ public address itself.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import datetime as dt
+import gc
 import logging
 import os
 import re
@@ -127,6 +130,25 @@ def pss_mb(pids: list[int]) -> float:
     return total_kb / 1024
 
 
+M_ARENA_MAX = -8  # glibc <malloc.h>
+
+
+def limit_malloc_arenas(arenas: int = 2) -> bool:
+    """Cap glibc's malloc arenas for this process and the workers it forks.
+
+    glibc gives each new thread its own arena (up to 8 per core); every call has a worker
+    thread, so idle arenas cost memory per call (7.4 MB per call by default, 5.1 MB with 2
+    arenas, measured with 3 workers and 12 calls). Returns False off glibc.
+    """
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        return bool(ctypes.CDLL(name).mallopt(M_ARENA_MAX, arenas))
+    except (OSError, AttributeError):
+        return False
+
+
 class Supervisor:
     """The master process: forks workers, runs Kamailio, restarts what dies."""
 
@@ -177,6 +199,10 @@ class Supervisor:
 
     def run(self) -> int:
         _install_stop_handlers(self.stop)
+        # Objects that exist now (models' Python side, packs, prompts) never die: keep the
+        # workers' collector from writing to their pages, which would un-share them.
+        gc.collect()
+        gc.freeze()
         for i in range(self.workers):
             self._fork(i)
         if self.workers > 1:
@@ -248,6 +274,7 @@ def serve(cfg: Config, workers: int = 1, listen: str | None = None,
           at: dt.datetime | None = None, web: tuple[str, int] | None = None) -> int:
     """Load everything once, then serve calls until SIGINT or SIGTERM; returns 0."""
     listen = listen or cfg.sip.listen
+    limit_malloc_arenas()  # before the model and any thread allocate
     core = VoiceCore(cfg)
     for line in core.startup_report():
         log.warning("%s", line)

@@ -94,7 +94,8 @@ class VoiceCore:
             hours=self.hours, default_language=cfg.languages.default, offered=self.offered,
             speech_languages=self.speech_languages, accept=cfg.nlu.accept,
             confirm=cfg.nlu.confirm, max_retries=cfg.dialog.max_retries,
-            no_input_ms=cfg.dialog.no_input_ms, operator_uri=cfg.operator.uri)
+            no_input_ms=cfg.dialog.no_input_ms, digit_pause_ms=cfg.dialog.digit_pause_ms,
+            operator_uri=cfg.operator.uri)
         if cfg.languages.default not in packs:
             from .errors import DataError
 

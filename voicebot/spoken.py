@@ -68,4 +68,9 @@ def say_date(pack: Pack, date: dt.date, today: dt.date | None = None) -> str:
     month = format_date(date, "MMMM", locale=fmt.locale)
     day = fmt.day_words[date.day - 1] if fmt.day_words else str(date.day)
     template = fmt.date if today is not None and today.year == date.year else fmt.date_year
-    return " ".join(template.format(day=day, month=month, year=date.year).split())
+    year: object = date.year
+    if fmt.year_words:
+        from num2words import num2words
+
+        year = num2words(date.year, lang=pack.language, **dict(fmt.year_words))
+    return " ".join(template.format(day=day, month=month, year=year).split())

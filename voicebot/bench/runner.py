@@ -40,11 +40,11 @@ class Plan:
         self.talkoff_files = 10 if quick else None  # None: every shared recording
         self.latency_calls = 1 if quick else 4
         self.latency_turns = 6 if quick else 32  # the first is a warm-up, not counted
-        self.cap_workers = 2 if quick else 12
-        self.cap_steps = [8] if quick else [10, 20, 30, 40, 48]
+        self.cap_workers = 2 if quick else 10
+        self.cap_steps = [8] if quick else [10, 20, 30, 40]
         self.cap_hold_s = 25.0 if quick else 45.0
         self.cap_warm_s = 13.0 if quick else 18.0
-        self.cap_compare = None if quick else [10, 16]
+        self.cap_compare = None if quick else [12, 16]
         self.probe_turns = 4 if quick else 8
         self.suite_limit = 6 if quick else None
 
