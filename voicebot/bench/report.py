@@ -245,6 +245,7 @@ def markdown(res: dict[str, Any], pngs: dict[str, str]) -> str:
                              f"{_fmt(s['probe_latency_ms']['p95'])} | "
                              f"{'yes' if s['ok'] else 'no'} |")
             lines.append(f"\nBest workers per core: {cap.get('best_workers_per_core')}.")
+        lines += _profile(cap)
         for k in ("latency-vs-calls", "cpu-per-call"):
             if pngs.get(k):
                 lines += ["", f"![{k}]({pngs[k]})"]
@@ -291,6 +292,27 @@ def markdown(res: dict[str, Any], pngs: dict[str, str]) -> str:
     if res.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in res["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def _profile(cap: dict[str, Any]) -> list[str]:
+    """The py-spy profile of the busiest worker at the top step, as a table."""
+    step = next((s for s in reversed(cap.get("steps") or []) if s.get("profile")), None)
+    if step is None:
+        return []
+    prof = step["profile"]
+    out = ["", f"### Profile of the busiest worker at {step['calls']} calls", ""]
+    if prof.get("error"):
+        return [*out, f"Not profiled: {prof['error']}"]
+    out += [f"py-spy, 50 Hz, non-blocking, over the measurement window: {prof['samples']} "
+            "samples of Python stacks in running threads (time in C below a Python frame, "
+            "Vosk's decoder or PJSIP's media, counts for that frame; PJSIP's own threads "
+            "outside any Python frame are not seen). Raw stacks: "
+            f"`{Path(prof['raw']).name}` in the run's work folder.", "",
+            "| stage | % of samples |", "|---|---|"]
+    out += [f"| {k} | {v} |" for k, v in prof["stages_pct"].items()]
+    out += ["", "| innermost function | % |", "|---|---|"]
+    out += [f"| `{k}` | {v} |" for k, v in prof["top_functions_pct"]]
+    return out
 
 
 def _suites(res: dict[str, Any]) -> list[str]:

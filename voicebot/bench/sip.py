@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -310,9 +311,72 @@ def _call_results(store: Path, since: float) -> dict[str, int]:
     return out
 
 
+def _busiest_worker(server: BotServer) -> int | None:
+    master = server.proc.pid if server.proc else None
+    workers = [p for p in server.voicebot_pids() if p != master]
+    return max(workers, key=cpu_seconds) if workers else None
+
+
+def start_profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[str] | None:
+    """py-spy on one worker for ``seconds`` (non-blocking: it never pauses the worker's
+    threads, so it does not add to the latency it runs beside); None without py-spy."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).exists():
+        return None
+    return subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(int(seconds)),
+                             "--rate", "50", "--nonblocking", "--format", "raw", "--output",
+                             str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+
+
+# Where a worker's Python time goes, by the innermost frame that names a stage.
+PROFILE_STAGES = (
+    ("vosk decode (AcceptWaveform)", ("AcceptWaveform",)),
+    ("vosk finalise (FinalResult)", ("FinalResult", "Result (vosk")),
+    ("media port callbacks (PJSIP clock thread)", ("onFrameReceived", "onFrameRequested")),
+    ("VAD / endpointer", ("vad.py",)),
+    ("DTMF detector", ("dtmf.py",)),
+    ("intent classifier", ("nlu.py", "sklearn")),
+    ("dialog engine", ("dialog.py",)),
+    ("prompt playback and resampling", ("playback", "resample", "soxr")),
+    ("call session hand-off and queues", ("session.py", "queue.py", "threading.py")),
+    ("pjsua2 event loop", ("libHandleEvents", "telephony.py")),
+)
+
+
+def summarise_profile(raw: Path, top: int = 12) -> dict[str, Any]:
+    """py-spy's raw (collapsed) stacks: share of samples per stage and per innermost function."""
+    total = 0
+    stages: dict[str, int] = {}
+    leaves: dict[str, int] = {}
+    for line in raw.read_text(encoding="utf-8", errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        leaf = re.sub(r":\d+\)$", ")", frames[-1])
+        leaves[leaf] = leaves.get(leaf, 0) + n
+        name = "other"
+        for frame in reversed(frames):
+            hit = next((s for s, keys in PROFILE_STAGES if any(k in frame for k in keys)), None)
+            if hit:
+                name = hit
+                break
+        stages[name] = stages.get(name, 0) + n
+    def pct(n: int) -> float:
+        return round(100.0 * n / total, 1) if total else 0.0
+    return {"samples": total,
+            "stages_pct": {k: pct(v) for k, v in sorted(stages.items(), key=lambda kv: -kv[1])},
+            "top_functions_pct": [(k, pct(v)) for k, v in
+                                  sorted(leaves.items(), key=lambda kv: -kv[1])[:top]]}
+
+
 def capacity_step(server: BotServer, work: Path, calls: int, hold_s: float, warm_s: float,
-                  probe_turns: int) -> dict[str, Any]:
-    """``calls`` concurrent sipp callers for ``hold_s``; measured over the window after warm-up."""
+                  probe_turns: int, profile: bool = False) -> dict[str, Any]:
+    """``calls`` concurrent sipp callers for ``hold_s``; measured over the window after warm-up.
+    With ``profile`` the busiest worker is sampled by py-spy over the same window."""
     sipp = shutil.which("sipp")
     if sipp is None:
         raise FileNotFoundError("sipp is not installed (apt-get install sip-tester)")
@@ -350,6 +414,11 @@ def capacity_step(server: BotServer, work: Path, calls: int, hold_s: float, warm
     w0 = time.time()
     window = max(5.0, hold_s - warm_s - 3.0)
     pss_samples: list[float] = []
+    spy = None
+    spy_out = work / f"profile_{calls}.txt"
+    spy_pid = _busiest_worker(server) if profile else None
+    if spy_pid is not None:
+        spy = start_profile(spy_pid, max(5.0, window - 2.0), spy_out)
     end = t0 + window
     while time.monotonic() < end:
         time.sleep(min(5.0, max(0.0, end - time.monotonic())))
@@ -366,6 +435,17 @@ def capacity_step(server: BotServer, work: Path, calls: int, hold_s: float, warm
         _, err = proc.communicate()
     if probe_thread is not None:
         probe_thread.join(timeout=hold_s + 60)
+    prof: dict[str, Any] | None = None
+    if profile:
+        prof = {"error": "py-spy is not installed (pip install -e '.[bench]')"}
+        if spy is not None:
+            try:
+                _, spy_err = spy.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+                _, spy_err = spy.communicate()
+            prof = ({"pid": spy_pid, "raw": str(spy_out), **summarise_profile(spy_out)}
+                    if spy_out.exists() else {"error": (spy_err or "no output")[-300:]})
     ok, failed = _sipp_counts(stat)
     turns = [t for t in _turns_between(server.store_path, w0, w1) if t["input"] == "speech"]
     lat = [t["latency_ms"] for t in turns if t["latency_ms"] is not None]
@@ -389,6 +469,7 @@ def capacity_step(server: BotServer, work: Path, calls: int, hold_s: float, warm
         "probe_latency_ms": summary(probe_lat),
         "probe_error": probe_res.get("error"),
         "loadavg": [round(x, 2) for x in os.getloadavg()],
+        **({"profile": prof} if prof is not None else {}),
     }
 
 
@@ -424,7 +505,9 @@ def capacity(cfg: Config, folder: Path, port: int, steps: list[int], workers: in
         time.sleep(2.0)
         out["idle_pss_mb"] = baseline_pss(server)
         for n in steps:
-            step = capacity_step(server, work, n, hold_s, warm_s, probe_turns)
+            # The top step is profiled: where the time goes when calls queue for CPU.
+            step = capacity_step(server, work, n, hold_s, warm_s, probe_turns,
+                                 profile=n == steps[-1])
             step["ok"] = _step_ok(step, p95_limit)
             out["steps"].append(step)
             time.sleep(3.0)  # let the last BYEs and records settle
