@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from sipbot import Bot, record_ids, sip_options, sipp, sipp_call_id, start_bot
 
-from voicebot.store import CallRecord
+from voicebot.store import CallRecord, Store
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +177,20 @@ def test_hangups_at_awkward_moments(bot: Bot) -> None:
     after = record_ids(bot)
     rec = ended(bot, run(bot, "bye_welcome.xml"), after)
     assert rec.result == "abandoned"
+
+
+def test_hang_up_while_waiting_for_the_operator_queues_a_callback(bot: Bot) -> None:
+    before = record_ids(bot)
+    rec = ended(bot, run(bot, "bye_waiting.xml"), before)
+    assert rec.path == ["lang.ko", "main.operator"] and rec.ended_by == "caller"
+    assert rec.result != "transferred"
+    store = Store.from_config(bot.cfg)
+    try:
+        queued = [c for c in store.callbacks(outstanding_only=True) if c["call_id"] == rec.id]
+    finally:
+        store.close()
+    assert [(c["reason"], c["language"]) for c in queued] == [("hung_up_waiting", "ko")]
+    assert queued[0]["caller"] and "caller@" in queued[0]["caller"]
 
 
 def test_reinvite_hold_and_resume(bot: Bot) -> None:

@@ -304,7 +304,9 @@ def _profile(cap: dict[str, Any]) -> list[str]:
     if prof.get("error"):
         return [*out, f"Not profiled: {prof['error']}"]
     out += [f"py-spy, 50 Hz, non-blocking, over the measurement window: {prof['samples']} "
-            "samples of Python stacks in running threads (time in C below a Python frame, "
+            "samples of working Python stacks (plus "
+            f"{prof.get('waiting_samples', 0)} of threads waiting on a queue, not counted; "
+            "time in C below a Python frame, "
             "Vosk's decoder or PJSIP's media, counts for that frame; PJSIP's own threads "
             "outside any Python frame are not seen). Raw stacks: "
             f"`{Path(prof['raw']).name}` in the run's work folder.", "",

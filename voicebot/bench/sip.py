@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -95,7 +96,23 @@ max_retries = 1000
         self.config_file.write_text(text, encoding="utf-8")
         return self.config_file
 
+    def _check_ports_free(self) -> None:
+        """A stale bot on our port would answer for this one, and its calls land in another
+        store: refuse to measure rather than measure the wrong server."""
+        ports = [self.port] + ([self.port + 1 + i for i in range(self.workers)]
+                               if self.workers > 1 else [])
+        for port in ports:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError as exc:
+                    raise RuntimeError(
+                        f"UDP port 127.0.0.1:{port} is in use ({exc.strerror}): another "
+                        "voicebot or SIP server is running there (a stale benchmark bot?). "
+                        "Stop it, or pass --port to use other ports.") from exc
+
     def start(self, timeout: float = 180.0) -> None:
+        self._check_ports_free()
         self.write_config()
         log = self.log_file.open("w", encoding="utf-8")
         args = ["serve", "--config", str(self.config_file), "--listen",
@@ -120,6 +137,10 @@ max_retries = 1000
             if text.count("event=") >= 0 and text.count(" listening on ") >= want and (
                     self.workers == 1 or "kamailio (pid" in text):
                 time.sleep(1.5 if self.workers > 1 else 0.3)  # Kamailio's first OPTIONS ping
+                if self.proc.poll() is not None:  # e.g. it could not bind after all
+                    raise RuntimeError(f"voicebot serve exited ({self.proc.returncode}); see "
+                                       f"{self.log_file}:\n"
+                                       f"{self.log_file.read_text()[-2000:]}")
                 return
             time.sleep(0.2)
         self.stop()
@@ -344,9 +365,17 @@ PROFILE_STAGES = (
 )
 
 
+# Innermost frames that are a thread waiting, not working: with --nonblocking py-spy cannot
+# tell a thread blocked in these from one running, so they are counted apart.
+WAITING_LEAVES = ("Condition.wait", "Event.wait", "Thread.join", "sleep", "select (",
+                  "poll (")
+
+
 def summarise_profile(raw: Path, top: int = 12) -> dict[str, Any]:
-    """py-spy's raw (collapsed) stacks: share of samples per stage and per innermost function."""
+    """py-spy's raw (collapsed) stacks: share of the working samples per stage and per
+    innermost function; samples of threads waiting on a queue or a lock are counted apart."""
     total = 0
+    waiting = 0
     stages: dict[str, int] = {}
     leaves: dict[str, int] = {}
     for line in raw.read_text(encoding="utf-8", errors="replace").splitlines():
@@ -354,9 +383,12 @@ def summarise_profile(raw: Path, top: int = 12) -> dict[str, Any]:
         if not stack or not count.isdigit():
             continue
         n = int(count)
-        total += n
         frames = stack.split(";")
         leaf = re.sub(r":\d+\)$", ")", frames[-1])
+        if any(w in leaf for w in WAITING_LEAVES):
+            waiting += n
+            continue
+        total += n
         leaves[leaf] = leaves.get(leaf, 0) + n
         name = "other"
         for frame in reversed(frames):
@@ -367,7 +399,7 @@ def summarise_profile(raw: Path, top: int = 12) -> dict[str, Any]:
         stages[name] = stages.get(name, 0) + n
     def pct(n: int) -> float:
         return round(100.0 * n / total, 1) if total else 0.0
-    return {"samples": total,
+    return {"samples": total, "waiting_samples": waiting,
             "stages_pct": {k: pct(v) for k, v in sorted(stages.items(), key=lambda kv: -kv[1])},
             "top_functions_pct": [(k, pct(v)) for k, v in
                                   sorted(leaves.items(), key=lambda kv: -kv[1])[:top]]}
