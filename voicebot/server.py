@@ -15,8 +15,6 @@ public address itself.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import datetime as dt
 import gc
 import logging
@@ -128,25 +126,6 @@ def pss_mb(pids: list[int]) -> float:
         m = re.search(r"^Pss:\s+(\d+) kB", text, re.M)
         total_kb += int(m.group(1)) if m else 0
     return total_kb / 1024
-
-
-M_ARENA_MAX = -8  # glibc <malloc.h>
-
-
-def limit_malloc_arenas(arenas: int = 2) -> bool:
-    """Cap glibc's malloc arenas for this process and the workers it forks.
-
-    glibc gives each new thread its own arena (up to 8 per core); every call has a worker
-    thread, so idle arenas cost memory per call (7.4 MB per call by default, 5.1 MB with 2
-    arenas, measured with 3 workers and 12 calls). Returns False off glibc.
-    """
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
-    try:
-        return bool(ctypes.CDLL(name).mallopt(M_ARENA_MAX, arenas))
-    except (OSError, AttributeError):
-        return False
 
 
 class Supervisor:
@@ -274,7 +253,6 @@ def serve(cfg: Config, workers: int = 1, listen: str | None = None,
           at: dt.datetime | None = None, web: tuple[str, int] | None = None) -> int:
     """Load everything once, then serve calls until SIGINT or SIGTERM; returns 0."""
     listen = listen or cfg.sip.listen
-    limit_malloc_arenas()  # before the model and any thread allocate
     core = VoiceCore(cfg)
     for line in core.startup_report():
         log.warning("%s", line)

@@ -124,7 +124,9 @@ max_retries = 1000
                f"sys.exit(main({args!r}))"]
         # faulthandler: a worker that crashes in C (pjsua2, Vosk) leaves its Python stack in
         # serve.log, so a failed capacity step can be traced.
-        env = {**os.environ, "PYTHONFAULTHANDLER": "1", **self.env}
+        # MALLOC_ARENA_MAX: what `voicebot serve` from the command line sets for itself
+        # (it is started here through main(), which does not re-exec).
+        env = {**os.environ, "PYTHONFAULTHANDLER": "1", "MALLOC_ARENA_MAX": "2", **self.env}
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True,
                                      start_new_session=True, env=env)
         deadline = time.monotonic() + timeout
