@@ -318,6 +318,16 @@ class DialogSettings:
 
 
 @dataclass
+class _NumberEntry:
+    """An application number being entered, by keys and spoken groups, until # or a pause."""
+
+    digits: str = ""
+    said: tuple[str, ...] = ()  # what ASR heard, group by group
+    end_ms: float | None = None  # end of the last spoken group (media time)
+    confidence: float = 1.0  # lowest ASR confidence over the spoken groups
+
+
+@dataclass
 class _State:
     language: str | None = None
     node: str = ""
@@ -334,10 +344,7 @@ class _State:
     barged: bool = False  # speech stopped a prompt; its result is a barge-in turn
     transferred: bool = False
     started: dt.datetime | None = None
-    digits: str = ""  # application number being entered
-    digits_said: tuple[str, ...] = ()  # what ASR heard, utterance by utterance
-    digits_end_ms: float | None = None  # end of the last spoken group (media time)
-    digits_conf: float = 1.0  # lowest ASR confidence over the spoken groups
+    entry: _NumberEntry = field(default_factory=_NumberEntry)
     number: str = ""  # number read back / looked up
     status_failures: int = 0
     callback_reason: str = ""
@@ -733,10 +740,7 @@ class DialogEngine:
     def _ask_number(self, lead: tuple[Prompt, ...] = ()) -> list[Action]:
         self.st.node = "status"
         self.st.mode = "digits"
-        self.st.digits = ""
-        self.st.digits_said = ()
-        self.st.digits_end_ms = None
-        self.st.digits_conf = 1.0
+        self.st.entry = _NumberEntry()
         self.st.pending = None
         return [self._play((*lead, self._prompt("status_ask"))),
                 Listen("status", self._speech_langs(), (), self.s.no_input_ms, "digits")]
@@ -758,21 +762,21 @@ class DialogEngine:
 
     def _number_done(self, t_ms: float, key: str = "", barge: bool = False) -> list[Action]:
         """The number is complete (``#``, or a pause after it): one turn for all of it."""
-        spoken = self.st.digits_said
-        heard = " ".join(spoken) if spoken else self.st.digits + key
-        result = "number" if self.st.digits else "no_match"
-        end = self.st.digits_end_ms if spoken else t_ms
-        confidence = self.st.digits_conf if spoken else 1.0
+        entry = self.st.entry
+        spoken = entry.said
+        heard = " ".join(spoken) if spoken else entry.digits + key
+        result = "number" if entry.digits else "no_match"
+        end = entry.end_ms if spoken else t_ms
+        confidence = entry.confidence if spoken else 1.0
         out = self._number_entered(t_ms)
         return [self._turn(t_ms, "speech" if spoken else "dtmf", heard, confidence, None, result,
                            out, barge, end, "status", self.st.language), *out]
 
     def _number_entered(self, t_ms: float) -> list[Action]:
-        if not self.st.digits:
+        if not self.st.entry.digits:
             return self._status_failure("no_match", t_ms)
-        self.st.number = self.st.digits
-        self.st.digits = ""
-        self.st.digits_said = ()
+        self.st.number = self.st.entry.digits
+        self.st.entry = _NumberEntry()
         self.st.mode = "status_confirm"
         return [self._play((self._prompt("status_readback", number=self.spell(self.st.number)),)),
                 self._yes_no_listen()]
@@ -828,8 +832,8 @@ class DialogEngine:
                 return [*stop, self._turn(ev.t_ms, "dtmf", ev.digit, 1.0, self.menu.back.id,
                                           "accepted", out, barge, ev.t_ms, "status",
                                           self.st.language), *out]
-            if ev.digit.isdigit() and len(self.st.digits) < MAX_NUMBER_DIGITS:
-                self.st.digits += ev.digit  # no turn per digit: the number is one turn
+            if ev.digit.isdigit() and len(self.st.entry.digits) < MAX_NUMBER_DIGITS:
+                self.st.entry.digits += ev.digit  # no turn per digit: the number is one turn
                 return stop
             if ev.digit != "#":
                 return stop
@@ -853,14 +857,14 @@ class DialogEngine:
             if said:
                 # More groups may follow: the number ends after digit_pause_ms of silence
                 # (InputTimeout) or on #, and is one turn then.
-                self.st.digits = (self.st.digits + said)[:MAX_NUMBER_DIGITS]
-                self.st.digits_said = (*self.st.digits_said, ev.text)
-                self.st.digits_end_ms = ev.input_end_ms
-                self.st.digits_conf = min(self.st.digits_conf, ev.asr_confidence)
-                self.st.language = self.st.language or ev.language
+                entry = self.st.entry
+                entry.digits = (entry.digits + said)[:MAX_NUMBER_DIGITS]
+                entry.said = (*entry.said, ev.text)
+                entry.end_ms = ev.input_end_ms
+                entry.confidence = min(entry.confidence, ev.asr_confidence)
                 return [*stop, Listen("status", self._speech_langs(), (),
                                       self.s.digit_pause_ms, "digits")]
-            if self.st.digits:
+            if self.st.entry.digits:
                 return stop  # a cough or a word between groups: keep waiting for digits
             out = self._number_entered(ev.t_ms)
             return [*stop, self._turn(ev.t_ms, "speech", ev.text, ev.asr_confidence, None,
@@ -912,7 +916,7 @@ class DialogEngine:
         if mode == "recording":
             self.st.mode = "saving"
             return [StopRecording("silence"), StopListening()]
-        if mode == "digits" and self.st.digits:
+        if mode == "digits" and self.st.entry.digits:
             # The caller paused after spoken digits, or keyed a number but forgot #: the
             # number is complete.
             return self._number_done(ev.t_ms)
