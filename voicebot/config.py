@@ -126,6 +126,10 @@ class DialogConfig:
     digit_pause_ms: int = 1500
     max_retries: int = 2  # re-prompts after no-input/no-match before escalating
     max_call_s: int = 900
+    # A caller who has heard nothing for this long (s) while the bot is not listening with
+    # a timer (a lookup, a transfer or a save that never answers) gets an apology and moves
+    # on: dead air is the one thing a public line must never do.
+    max_silence_s: float = 10.0
 
 
 @dataclass
@@ -323,6 +327,10 @@ def validate(cfg: Config) -> list[DataError]:
         errs.append(DataError(f, "nlu", "need 0 < confirm <= accept <= 1"))
     if cfg.dialog.max_retries < 0:
         errs.append(DataError(f, "dialog.max_retries", "must be 0 or more"))
+    if not 1.0 <= cfg.dialog.max_silence_s <= 120.0:
+        errs.append(DataError(f, "dialog.max_silence_s", "must be 1 to 120 seconds"))
+    if cfg.dialog.max_call_s < 30:
+        errs.append(DataError(f, "dialog.max_call_s", "must be 30 seconds or more"))
     if not 1 <= cfg.sip.max_calls <= 4:
         errs.append(DataError(f, "sip.max_calls", "must be 1 to 4: pjsua2-python holds 4 calls "
                               "per process; run more workers (serve --workers N) for more"))

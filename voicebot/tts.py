@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import VoicebotError
-from .frames import read_wav, resample, to_int16, write_wav
+from .frames import AudioFormatError, read_wav, resample, to_int16, write_wav
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +190,45 @@ class PromptCache:
         samples = resample(samples, rate, self.sample_rate)
         return normalize(trim(samples, self.sample_rate), self.volume_dbfs)
 
+    def cached(self, text: str, voice: str) -> np.ndarray | None:
+        """The prompt's audio if it is rendered (memory or disk), else None: never renders.
+
+        The call thread uses this, so a caller-triggered text (a number, a date) never runs
+        espeak-ng there; :meth:`render_dynamic` renders it elsewhere."""
+        k = self.key(text, voice)
+        with self._lock:
+            hit = self._mem.get(k)
+            if hit is not None:
+                self._mem.move_to_end(k)
+                return hit
+        p = self.root / k[:2] / f"{k}.wav"
+        try:
+            samples, _ = read_wav(p)
+        except (OSError, EOFError, wave.Error, AudioFormatError):
+            return None
+        self._remember(k, samples)
+        return samples
+
+    def render_dynamic(self, text: str, voice: str) -> np.ndarray:
+        """Render a text callers trigger (numbers, tickets, dates) into the memory LRU only.
+
+        Such texts are endless in number: written to the disk cache they would grow it
+        without bound, so they live in the bounded in-memory LRU and are rendered again
+        when they fall out of it."""
+        hit = self.cached(text, voice)
+        if hit is not None:
+            return hit
+        samples = self.render(text, voice)
+        self._remember(self.key(text, voice), samples)
+        return samples
+
+    def _remember(self, k: str, samples: np.ndarray) -> None:
+        with self._lock:
+            self._mem[k] = samples
+            self._mem.move_to_end(k)
+            while len(self._mem) > self._mem_items:
+                self._mem.popitem(last=False)
+
     def get(self, text: str, voice: str) -> np.ndarray:
         """The prompt's audio at ``sample_rate``, rendering it on first use."""
         k = self.key(text, voice)
@@ -205,10 +244,7 @@ class PromptCache:
             samples = self.render(text, voice)
             write_wav(p, samples, self.sample_rate)
             log.debug("rendered prompt %s (%s): %r", p.name, voice, text[:60])
-        with self._lock:
-            self._mem[k] = samples
-            while len(self._mem) > self._mem_items:
-                self._mem.popitem(last=False)
+        self._remember(k, samples)
         return samples
 
     def build(self, items: Iterable[tuple[str, str, str]], progress: bool = True) -> BuildReport:
