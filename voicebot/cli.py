@@ -114,6 +114,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="how keys are sent (default RFC 4733 telephone-events)")
     call.add_argument("--record", metavar="FILE", help="write both directions to a WAV file")
     call.add_argument("--json", action="store_true", help="one JSON object per turn")
+    call.add_argument("--heard", action="store_true",
+                      help="find the prompts heard in the received audio (matched against the "
+                           "prompt cache); with --json one {\"heard\": [...]} object follows "
+                           "the turns")
     call.add_argument("--timeout", type=float, default=300.0, metavar="S",
                       help="give up after S seconds")
     call.set_defaults(inputs=[])
@@ -192,8 +196,13 @@ def _respawn_with_few_malloc_arenas() -> None:
     """
     if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
         return
-    os.environ["MALLOC_ARENA_MAX"] = "2"
-    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+    # execve replaces this program in place: the pid the service manager (or a shell)
+    # started stays the pid of the supervisor, which owns the workers and Kamailio; a
+    # child process here would leave a wrapper whose death orphans them all.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]],
+              {**os.environ, "MALLOC_ARENA_MAX": "2"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -435,10 +444,13 @@ def _serve(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _calls(cfg: Config, args: argparse.Namespace) -> int:
-    from .store import Store
+    from .store import Store, local
 
     store = Store.from_config(cfg)
-    records = store.calls(last=args.last)
+    try:
+        records = store.calls(last=args.last)
+    finally:
+        store.close()
     if args.json:
         for r in records:
             print(json.dumps(r.to_json(), ensure_ascii=False))
@@ -447,10 +459,13 @@ def _calls(cfg: Config, args: argparse.Namespace) -> int:
         print("no calls recorded yet")
     for r in records:
         path = " > ".join(r.path) or "-"
-        print(f"{r.started_at or '?':<29} {r.id}  {r.caller or '?'} -> {r.dialled or '?'}  "
+        # Stored in UTC; shown in the call centre's own time ([hours] timezone).
+        t = local(r.started_at, store.tz)
+        when = t.isoformat(sep=" ", timespec="seconds") if t else (r.started_at or "?")
+        print(f"{when:<25} {r.id}  {r.caller or '?'} -> {r.dialled or '?'}  "
               f"{r.language or '-':<3} {r.result or 'in progress':<11} {path}")
         if r.recording:
-            print(f"{'':<29} recording: {r.recording}")
+            print(f"{'':<25} recording: {r.recording}")
     return 0
 
 
@@ -459,7 +474,7 @@ def _call(cfg: Config, args: argparse.Namespace) -> int:
 
     phone = Softphone(cfg, args.uri, args.inputs, language=args.lang, barge_in_ms=args.barge_in,
                       dtmf_method=args.dtmf, record=Path(args.record) if args.record else None,
-                      timeout_s=args.timeout)
+                      timeout_s=args.timeout, identify=args.heard)
     res = phone.run()
     if not res.connected:
         why = (f"{res.status} {res.reason}" if res.status else
@@ -479,6 +494,9 @@ def _call(cfg: Config, args: argparse.Namespace) -> int:
     if args.json:
         for row in rows:
             print(json.dumps({**row, "sip_call_id": res.sip_call_id}, ensure_ascii=False))
+        if args.heard:
+            print(json.dumps({"heard": [h.to_json() for h in res.heard],
+                              "sip_call_id": res.sip_call_id}, ensure_ascii=False))
     else:
         for row in rows:
             print(f"{row['node'] or '?':<9} {row['input']:<6} {row['heard']!s:<12} -> "
@@ -488,6 +506,10 @@ def _call(cfg: Config, args: argparse.Namespace) -> int:
         print(f"call {res.sip_call_id}: {summary.get('result', 'ended')}, "
               f"{res.duration_ms / 1000:.1f} s" + (f", recording {res.recording}"
                                                    if res.recording else ""))
+        if args.heard:
+            from .heard import summarise
+
+            print(f"heard: {summarise(res.heard) or 'nothing'}")
     return 0
 
 

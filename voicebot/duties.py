@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import logging
 import os
-import wave
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from . import wavfile
 from .errors import VoicebotError
 from .menus import APPLICATION_STATES
 from .store import Store
 
 MAX_NUMBER_LEN = 20
+log = logging.getLogger("voicebot.duties")
+
 DATE_FORMATS = ("%Y-%m-%d", "%d.%m.%Y")  # ISO, and the day.month.year of local exports
 
 
@@ -116,20 +120,32 @@ def import_applications(store: Store, path: Path) -> ImportReport:
 
 
 class MessageRecorder:
-    """A caller's message, streamed to ``path.part`` and renamed to ``path`` when done."""
+    """A caller's message, streamed to ``path.part`` and renamed to ``path`` when done.
+
+    The first write that fails (a full disk, ENOSPC, or any other OSError) stops the
+    recording: what was written is kept, :attr:`failed` says why, and :meth:`finish`
+    still gives a playable WAV of it, so the caller's message ends normally."""
+
+    HEADER_EVERY = 50  # frames between header updates: a killed process leaves most of it
 
     def __init__(self, path: Path, sample_rate: int) -> None:
         self.path = path
         self.part = path.with_name(path.name + ".part")
         self.rate = sample_rate
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Kept open across frames until the message ends, so no context manager.
-        self._w: wave.Wave_write | None = wave.open(str(self.part), "wb")  # noqa: SIM115
-        self._w.setnchannels(1)
-        self._w.setsampwidth(2)
-        self._w.setframerate(sample_rate)
         self.samples = 0
         self.speech_samples = 0
+        self.failed: str | None = None
+        self._header_ok = False
+        self._writes = 0
+        self._fd: int | None = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Unbuffered, so a failing write tells exactly how much of the audio is on disk.
+            self._fd = os.open(self.part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+            self._write_all(wavfile.header(sample_rate, 0))
+            self._header_ok = True
+        except OSError as exc:
+            self._fail(exc)
 
     @property
     def duration_ms(self) -> float:
@@ -139,20 +155,70 @@ class MessageRecorder:
     def speech_ms(self) -> float:
         return self.speech_samples * 1000.0 / self.rate
 
-    def write(self, samples: np.ndarray, speech: bool) -> None:
-        if self._w is None:
-            return
-        self._w.writeframes(samples.astype("<i2", copy=False).tobytes())
-        self.samples += len(samples)
-        if speech:
-            self.speech_samples += len(samples)
+    def _write_all(self, data: bytes) -> int:
+        """Write all of ``data``; on OSError, raise it with ``written`` set on it."""
+        assert self._fd is not None
+        view, done = memoryview(data), 0
+        while done < len(data):
+            try:
+                done += os.write(self._fd, view[done:])
+            except OSError as exc:
+                exc.written = done  # type: ignore[attr-defined]
+                raise
+        return done
 
-    def finish(self) -> Path:
-        """Close the WAV (header written), flush it to disk, give it its real name."""
-        if self._w is not None:
-            self._w.close()
-            self._w = None
-            with open(self.part, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(self.part, self.path)
+    def _fail(self, exc: OSError) -> None:
+        self.failed = f"{exc.strerror or exc} ({self.part})"
+        log.error("message %s: %s: recording stopped, %.1f s kept", self.path.name,
+                  exc.strerror or exc, self.duration_ms / 1000)
+
+    def write(self, samples: np.ndarray, speech: bool) -> None:
+        if self._fd is None or self.failed is not None:
+            return
+        data = samples.astype("<i2", copy=False).tobytes()
+        try:
+            n = self._write_all(data)
+        except OSError as exc:
+            self._account(getattr(exc, "written", 0) // 2, speech)  # what did reach the disk
+            self._fail(exc)
+            return
+        self._account(n // 2, speech)
+        self._writes += 1
+        if self._writes % self.HEADER_EVERY == 0:
+            self._patch_header()
+
+    def _account(self, count: int, speech: bool) -> None:
+        self.samples += count
+        if speech:
+            self.speech_samples += count
+
+    def _patch_header(self) -> None:
+        """Rewrite the sizes in place (no new disk blocks, so it works on a full disk too)."""
+        assert self._fd is not None
+        kept = self.samples * 2
+        with suppress(OSError):
+            os.pwrite(self._fd, wavfile.header(self.rate, kept), 0)
+
+    def finish(self) -> Path | None:
+        """Close the WAV (header sizes set to what is on disk), flush it to disk, give it its
+        real name; None when not even the header could be written (nothing to keep)."""
+        if self._fd is None:
+            with suppress(OSError):
+                self.part.unlink()
+            return None if not self.path.exists() else self.path
+        fd, self._fd = self._fd, None
+        try:
+            if not self._header_ok:
+                with suppress(OSError):
+                    self.part.unlink()
+                return None
+            kept = self.samples * 2
+            os.ftruncate(fd, wavfile.HEADER_BYTES + kept)  # a torn half sample goes
+            os.pwrite(fd, wavfile.header(self.rate, kept), 0)
+            with suppress(OSError):  # a full disk may refuse the flush; the data is written
+                os.fsync(fd)
+        finally:
+            with suppress(OSError):
+                os.close(fd)
+        os.replace(self.part, self.path)
         return self.path

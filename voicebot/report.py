@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .store import CallRecord, Store
+from .store import CallRecord, Store, local
 
 log = logging.getLogger("voicebot.report")
 
@@ -47,25 +47,29 @@ class Report:
     files: list[Path] = field(default_factory=list)
 
 
-def _day(iso: str | None) -> str:
-    return (iso or "?")[:10]
+def _day(iso: str | None, tz: dt.tzinfo = dt.UTC) -> str:
+    """The call centre's day (in ``tz``) of a stored time: times are stored in UTC, and a
+    call at 01:00 in Baku belongs to that day, not to the UTC day before."""
+    t = local(iso, tz)
+    return t.date().isoformat() if t else (iso or "?")[:10]
 
 
 def _calls(store: Store, since: dt.date | None) -> list[CallRecord]:
     calls = store.calls()
     if since is not None:
-        calls = [c for c in calls if _day(c.started_at) >= since.isoformat()]
+        calls = [c for c in calls if _day(c.started_at, store.tz) >= since.isoformat()]
     return sorted(calls, key=lambda c: c.started_at or "")
 
 
 def analyse(store: Store, since: dt.date | None = None) -> Report:
-    """The report's tables, from the store."""
+    """The report's tables, from the store; days are the call centre's (``store.tz``)."""
+    tz = store.tz
     calls = _calls(store, since)
     rep = Report(since, len(calls))
     # Calls per day and language.
     per_day: dict[str, Counter[str]] = defaultdict(Counter)
     for c in calls:
-        per_day[_day(c.started_at)][c.language or "none"] += 1
+        per_day[_day(c.started_at, tz)][c.language or "none"] += 1
     langs = sorted({lg for cnt in per_day.values() for lg in cnt})
     rep.tables.append(Table("calls_per_day", "Calls per day and language", ["day", *langs, "total"],
                             [[d, *(per_day[d][lg] for lg in langs), sum(per_day[d].values())]
@@ -124,7 +128,7 @@ def analyse(store: Store, since: dt.date | None = None) -> Report:
                             [[b["id"], b["caller"], b["language"], b["reason"], b["created_at"]]
                              for b in cbs]))
     tickets = [t for t in store.tickets()
-               if since is None or _day(t["created_at"]) >= since.isoformat()]
+               if since is None or _day(t["created_at"], tz) >= since.isoformat()]
     rep.tables.append(Table("tickets", "Messages received (complaints, proposals, reports)",
                             ["ticket", "kind", "language", "state", "seconds", "recording"],
                             [[t["ticket"], t["kind"], t["language"], t["state"],

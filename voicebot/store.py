@@ -2,24 +2,47 @@
 
 SQLite in WAL mode is the embedded default: every worker process of a host
 writes to the same file. A PostgreSQL DSN in the config (``[store] dsn``) serves
-several hosts. Each turn is committed as it happens, so a crash or a hang-up at
-any moment loses nothing already said.
+several hosts.
+
+Writes never touch the database on the caller's thread: each write is an
+operation put on a queue and returned from at once. One writer thread per process
+appends the operations to a journal on local disk (``var/spool/<host>-<pid>.jsonl``,
+fsync'd per batch) and then applies them to the database in order; when the
+database does not answer it retries with backoff, reconnecting, and when the disk
+is full the operations wait in memory. A journal left by a dead process (one whose
+lock on the file is gone) is replayed by the next process that opens the store.
+Every operation is idempotent (primary keys, ``ON CONFLICT DO NOTHING``, updates
+that set values rather than add to them), so replaying a journal twice changes
+nothing. Reads are synchronous and raise :class:`StoreUnavailable` when the
+database does not answer.
+
+Times are stored in one form, UTC ISO 8601 to the millisecond with ``+00:00``
+(fixed width, so text order is time order); see :func:`utc`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
+import itertools
 import json
+import logging
+import os
+import socket
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from contextlib import suppress
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .dialog import Turn
 from .errors import VoicebotError
+
+log = logging.getLogger("voicebot.store")
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS calls (
@@ -36,7 +59,8 @@ SCHEMA = [
         result TEXT,
         recording TEXT,
         ended_by TEXT,
-        reason TEXT
+        reason TEXT,
+        host TEXT
     )""",
     """CREATE TABLE IF NOT EXISTS turns (
         call_id TEXT NOT NULL,
@@ -79,6 +103,8 @@ SCHEMA = [
         ended_by TEXT,
         created_at TEXT
     )""",
+    # The ticket number is the key a replayed journal is matched on.
+    "CREATE UNIQUE INDEX IF NOT EXISTS tickets_ticket ON tickets (ticket)",
     """CREATE TABLE IF NOT EXISTS callbacks (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         call_id TEXT,
@@ -88,19 +114,81 @@ SCHEMA = [
         created_at TEXT,
         done_at TEXT
     )""",
+    # Blocks of ticket and callback numbers, leased by a process so that it can number
+    # them without asking the database each time (see Store._number).
+    """CREATE TABLE IF NOT EXISTS number_blocks (
+        block INTEGER PRIMARY KEY AUTOINCREMENT,
+        host TEXT,
+        pid INTEGER,
+        leased_at TEXT
+    )""",
 ]
 
-TICKET_BASE = 100000  # tickets are said digit by digit: six digits from the first one
+# Columns added after the first release, with their type: added on open when missing.
+ADDED_COLUMNS = {"calls": [("host", "TEXT")]}
+# Time columns normalised to UTC on open (rows written before times were stored in UTC).
+TIME_COLUMNS = {"calls": ("id", ["started_at", "answered_at", "ended_at"]),
+                "turns": ("call_id, seq", ["created_at"]),
+                "tickets": ("id", ["created_at"]),
+                "callbacks": ("id", ["created_at", "done_at"])}
+
+TICKET_BASE = 100000  # old numbering (100000 + row id), kept for the numbers it gave out
+NUMBER_BASE = 1_000_000  # block b gives the numbers 1_000_000 + 1000 b ... + 999
+BLOCK_SIZE = 1000
+OFFLINE_PREFIX = 9  # numbers made without any leased block: 9, 6 digits of time, 2 of pid
+
+RETRY_MIN_S = 0.2
+RETRY_MAX_S = 5.0
+BATCH = 500  # operations per database transaction
+JOURNAL_COMPACT_BYTES = 256 * 1024
+READ_WAIT_S = 3.0  # how long a read waits for this process's queued writes
+_SERIAL = itertools.count(1)
+
+
+class StoreUnavailable(VoicebotError):
+    """The database does not answer (PostgreSQL down, SQLite file locked or its disk full)."""
+
+
+def utc(value: str | dt.datetime | None) -> str | None:
+    """A time as stored: UTC, ISO 8601 to the millisecond, ``+00:00``.
+
+    Accepts a datetime or ISO text with any offset; a time without one is taken as UTC.
+    Text that is not a time is returned unchanged (never lose what was there)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            t = dt.datetime.fromisoformat(value)
+        except ValueError:
+            return value
+    else:
+        t = value
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.UTC)
+    return t.astimezone(dt.UTC).isoformat(timespec="milliseconds")
 
 
 def now() -> str:
-    """The current time, ISO 8601 with offset, to the millisecond."""
-    return dt.datetime.now(dt.UTC).astimezone().isoformat(timespec="milliseconds")
+    """The current time as stored (see :func:`utc`)."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+
+
+def local(value: str | None, tz: dt.tzinfo) -> dt.datetime | None:
+    """A stored time in the call centre's zone ``tz`` (None for no or unreadable time)."""
+    if not value:
+        return None
+    try:
+        t = dt.datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.UTC)
+    return t.astimezone(tz)
 
 
 @dataclass
 class CallRecord:
-    """A call as stored. path: the option ids the caller chose, in order."""
+    """A call as stored. path: the option ids the caller chose, in order; times in UTC."""
 
     id: str
     sip_call_id: str | None
@@ -117,124 +205,673 @@ class CallRecord:
     ended_by: str | None
     reason: str | None
     turns: list[dict[str, Any]]
+    host: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
-class Store:
-    """Thread-safe access to the call records of one host (or one PostgreSQL database)."""
+@dataclass
+class _Call:
+    """What the writer needs to know of a call this process writes: turn number and path."""
 
-    def __init__(self, path: Path | None = None, dsn: str | None = None) -> None:
-        self._lock = threading.Lock()
+    seq: int = 0
+    path: list[str] = field(default_factory=list)
+
+
+def _alive_lock(fd: int) -> bool:
+    """Take the exclusive lock on a journal; False when its process still holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def read_journal(path: Path) -> list[dict[str, Any]]:
+    """The operations of a journal file, in order; a torn last line (a crash or a full
+    disk in the middle of a write) is skipped."""
+    ops = []
+    with path.open("rb") as f:
+        for line in f:
+            try:
+                ops.append(json.loads(line))
+            except ValueError:
+                continue
+    return ops
+
+
+class Store:
+    """Thread-safe access to the call records of one host (or one PostgreSQL database).
+
+    path: the SQLite file; dsn: a PostgreSQL DSN instead; spool: the folder of the write
+    journals (default: ``spool`` next to the SQLite file; none, memory only, for a DSN
+    without one); host: this host's name, stored with each call (default: hostname);
+    tz: the call centre's zone, for showing times.
+    """
+
+    def __init__(self, path: Path | None = None, dsn: str | None = None,
+                 spool: Path | None = None, host: str | None = None,
+                 tz: dt.tzinfo | None = None) -> None:
         self.path = path
         self.dsn = dsn
+        self.host = host or socket.gethostname()
+        self.tz: dt.tzinfo = tz or dt.UTC
+        self._ph = "%s" if dsn else "?"
+        self._psycopg: Any = None
         if dsn:
             try:
                 import psycopg  # type: ignore[import-not-found]
             except ImportError:
                 raise VoicebotError("[store] dsn is set but psycopg is not installed: "
                                     "pip install 'psycopg[binary]'") from None
-            self._conn: Any = psycopg.connect(dsn, autocommit=True)
-            self._ph = "%s"
+            self._psycopg = psycopg
         else:
             assert path is not None
             path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                self._conn = sqlite3.connect(str(path), timeout=10.0, check_same_thread=False,
-                                             isolation_level=None)
-                self._conn.execute("PRAGMA journal_mode=WAL")
-                self._conn.execute("PRAGMA synchronous=NORMAL")
-                self._conn.execute("PRAGMA busy_timeout=10000")
-            except sqlite3.DatabaseError as exc:
-                raise VoicebotError(f"{path}: cannot open the call store ({exc}); move the "
-                                    "file away or set [store] path to a new file") from None
-            self._ph = "?"
-        with self._lock:
-            if dsn:
-                # Workers start together; PostgreSQL's CREATE ... IF NOT EXISTS is not safe
-                # against a concurrent twin (duplicate pg_type rows), so serialise it.
-                self._conn.execute("SELECT pg_advisory_lock(919001)")
-            try:
-                for stmt in SCHEMA:
-                    if dsn:  # PostgreSQL spells an auto-numbered key differently
-                        stmt = stmt.replace("INTEGER PRIMARY KEY AUTOINCREMENT",
-                                            "SERIAL PRIMARY KEY")
-                    self._conn.execute(stmt)
-            finally:
-                if dsn:
-                    self._conn.execute("SELECT pg_advisory_unlock(919001)")
+            if spool is None:
+                spool = path.parent / "spool"
+        self.spool = spool
+        self._schema_ready = False
+        self._schema_lock = threading.Lock()
+        # Reads: one connection under a lock, reopened after a failure.
+        self._lock = threading.Lock()
+        self._rconn: Any = None
+        # Numbering of tickets and callbacks.
+        self._num_lock = threading.Lock()
+        self._blocks: deque[int] = deque()
+        self._block: int | None = None
+        self._next = BLOCK_SIZE
+        self._offline: int | None = None
+        # Turn numbers and paths of the calls this process writes (bounded: calls end).
+        self._calls: OrderedDict[str, _Call] = OrderedDict()
+        # The write queue, shared with the writer thread.
+        self._cv = threading.Condition()
+        self._queue: list[dict[str, Any]] = []
+        self._inflight = 0  # taken off the queue, not yet in the database
+        self._stop = False
+        self._started = threading.Event()  # dead journals replayed (or tried)
+        self._replayed = 0
+        self._journal: Path | None = None
+        self._jfd: int | None = None
+        self._journal_ok = False
+        self._journal_bytes = 0
+        self._wconn: Any = None
+        try:
+            with self._lock:
+                self._read_conn()
+                self._lease_blocks_on(self._rconn, 2)
+        except StoreUnavailable as exc:
+            # Calls go on without the database: writes wait in the journal.
+            log.warning("%s", exc)
+        except self._transient() as exc:
+            self._drop_read()
+            log.warning("store: %s: %s; records wait in the spool", self.name, exc)
+        self._open_journal()
+        self._writer = threading.Thread(target=self._run, name="store-writer", daemon=True)
+        self._writer.start()
 
     @classmethod
     def from_config(cls, cfg: Any) -> Store:
+        from zoneinfo import ZoneInfo
+
+        try:
+            tz: dt.tzinfo | None = ZoneInfo(cfg.hours.timezone)
+        except Exception:  # the config check names a bad zone; show UTC here
+            tz = None
+        spool = cfg.var_dir / "spool"
         if cfg.store.dsn:
-            return cls(dsn=cfg.store.dsn)
+            return cls(dsn=cfg.store.dsn, spool=spool, tz=tz)
         p = Path(cfg.store.path)
-        return cls(path=p if p.is_absolute() else cfg.base / p)
+        return cls(path=p if p.is_absolute() else cfg.base / p, spool=spool, tz=tz)
+
+    # --- connections ---
+
+    @property
+    def name(self) -> str:
+        return self.dsn.split("@")[-1] if self.dsn else str(self.path)
+
+    def _transient(self) -> tuple[type[BaseException], ...]:
+        """Errors that mean "the database does not answer now", worth a retry."""
+        if self._psycopg is not None:
+            return (self._psycopg.OperationalError, self._psycopg.InterfaceError, OSError)
+        return (sqlite3.OperationalError, OSError)
+
+    def _connect(self, autocommit: bool) -> Any:
+        if self._psycopg is not None:
+            try:
+                return self._psycopg.connect(self.dsn, autocommit=autocommit, connect_timeout=3)
+            except self._transient() as exc:
+                raise StoreUnavailable(f"the call store at {self.name} does not answer "
+                                       f"({str(exc).strip()}); calls go on and their records "
+                                       "wait in the spool until it is back") from None
+        assert self.path is not None
+        try:
+            conn = sqlite3.connect(str(self.path), timeout=5.0, check_same_thread=False,
+                                   isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=5000")
+        except sqlite3.OperationalError as exc:
+            raise StoreUnavailable(f"{self.path}: the call store does not answer ({exc}); "
+                                   "records wait in the spool until it is back") from None
+        except sqlite3.DatabaseError as exc:
+            raise VoicebotError(f"{self.path}: cannot open the call store ({exc}); move the "
+                                "file away or set [store] path to a new file") from None
+        return conn
+
+    def _read_conn(self) -> Any:
+        """The read connection (caller holds ``_lock``), opened and the schema made once."""
+        if self._rconn is None:
+            self._rconn = self._connect(autocommit=True)
+            try:
+                self._ensure_schema(self._rconn)
+            except self._transient() as exc:
+                self._drop_read()
+                raise StoreUnavailable(f"the call store at {self.name} does not answer "
+                                       f"({exc})") from None
+        return self._rconn
+
+    def _drop_read(self) -> None:
+        if self._rconn is not None:
+            with suppress(Exception):
+                self._rconn.close()
+            self._rconn = None
 
     def _q(self, sql: str) -> str:
         return sql.replace("?", self._ph) if self._ph != "?" else sql
 
-    @contextmanager
-    def _cursor(self) -> Iterator[Any]:
-        with self._lock:
-            cur = self._conn.cursor()
+    def _ensure_schema(self, conn: Any) -> None:
+        with self._schema_lock:
+            if self._schema_ready:
+                return
+            cur = conn.cursor()
             try:
-                yield cur
+                if self.dsn:
+                    # Workers start together; PostgreSQL's CREATE ... IF NOT EXISTS is not
+                    # safe against a concurrent twin (duplicate pg_type rows): serialise it.
+                    cur.execute("SELECT pg_advisory_lock(919001)")
+                try:
+                    for stmt in SCHEMA:
+                        if self.dsn:  # PostgreSQL spells an auto-numbered key differently
+                            stmt = stmt.replace("INTEGER PRIMARY KEY AUTOINCREMENT",
+                                                "SERIAL PRIMARY KEY")
+                        cur.execute(stmt)
+                    self._migrate(cur)
+                finally:
+                    if self.dsn:
+                        cur.execute("SELECT pg_advisory_unlock(919001)")
             finally:
                 cur.close()
+            self._schema_ready = True
 
-    def _exec(self, sql: str, args: Sequence[Any] = ()) -> None:
-        with self._cursor() as cur:
-            cur.execute(self._q(sql), tuple(args))
+    def _columns(self, cur: Any, table: str) -> set[str]:
+        if self.dsn:
+            cur.execute("SELECT column_name FROM information_schema.columns "
+                        "WHERE table_name = %s", (table,))
+            return {r[0] for r in cur.fetchall()}
+        cur.execute(f"PRAGMA table_info({table})")
+        return {r[1] for r in cur.fetchall()}
 
-    # --- writing ---
+    def _migrate(self, cur: Any) -> None:
+        """Bring a store written by an older release up to date: new columns, and times
+        with an offset other than +00:00 rewritten in UTC so they sort as times."""
+        for table, cols in ADDED_COLUMNS.items():
+            have = self._columns(cur, table)
+            for name, kind in cols:
+                if name not in have:
+                    cur.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+        for table, (key, cols) in TIME_COLUMNS.items():
+            keys = [k.strip() for k in key.split(",")]
+            cond = " OR ".join(f"({c} IS NOT NULL AND {c} NOT LIKE '%+00:00')" for c in cols)
+            cur.execute(f"SELECT {key}, {', '.join(cols)} FROM {table} WHERE {cond}")
+            rows = cur.fetchall()
+            for r in rows:
+                ks, vals = r[:len(keys)], r[len(keys):]
+                sets = ", ".join(f"{c} = ?" for c in cols)
+                where = " AND ".join(f"{k} = ?" for k in keys)
+                cur.execute(self._q(f"UPDATE {table} SET {sets} WHERE {where}"),
+                            (*(utc(v) for v in vals), *ks))
+            if rows:
+                log.info("store: %d %s row(s) rewritten with times in UTC", len(rows), table)
+
+    def _read(self, fn: Callable[[Any], Any]) -> Any:
+        """Run ``fn(cursor)`` with one retry on a fresh connection."""
+        with self._lock:
+            for attempt in (0, 1):
+                conn = self._read_conn()
+                cur = conn.cursor()
+                try:
+                    return fn(cur)
+                except self._transient() as exc:
+                    self._drop_read()
+                    if attempt:
+                        raise StoreUnavailable(f"the call store at {self.name} does not "
+                                               f"answer ({str(exc).strip()}); try again when "
+                                               "it is back") from None
+                finally:
+                    with suppress(Exception):
+                        cur.close()
+        raise AssertionError("unreachable")
+
+    # --- numbering of tickets and callbacks ---
+
+    def _lease_blocks_on(self, conn: Any, want: int) -> None:
+        """Lease blocks until ``want`` are in hand (one INSERT each, on ``conn``)."""
+        while True:
+            with self._num_lock:
+                have = len(self._blocks) + (self._block is not None and
+                                            self._next < BLOCK_SIZE)
+            if have >= want:
+                return
+            cur = conn.cursor()
+            try:
+                cur.execute(self._q("INSERT INTO number_blocks (host, pid, leased_at) "
+                                    "VALUES (?, ?, ?) RETURNING block"),
+                            (self.host, os.getpid(), now()))
+                block = int(cur.fetchone()[0])
+                if self.dsn and not getattr(conn, "autocommit", True):
+                    conn.commit()
+            finally:
+                cur.close()
+            with self._num_lock:
+                self._blocks.append(block)
+
+    def _number(self) -> int:
+        """A ticket or callback number, unique across processes and hosts, without asking
+        the database: the next of a block of 1000 leased from ``number_blocks`` (the writer
+        keeps a spare block leased). Block b numbers 1000000 + 1000 b ... + 999: seven
+        digits for the first 8999 blocks, then eight. Only a process that has never reached
+        the database since it started and has used up nothing has no block: it numbers
+        9, six digits of its start time and two of its pid, then three of its own
+        (12 digits, said digit by digit like the others)."""
+        with self._num_lock:
+            if self._blocks and (self._block is None or self._block == -1
+                                 or self._next >= BLOCK_SIZE):
+                self._block, self._next = self._blocks.popleft(), 0
+            elif self._block is None or self._next >= BLOCK_SIZE:
+                self._offline = int(f"{OFFLINE_PREFIX}{int(time.time()) % 10**6:06d}"
+                                    f"{os.getpid() % 100:02d}")
+                self._block, self._next = -1, 0
+                log.warning("store: no number block leased (database not reached): "
+                            "numbering from %d000", self._offline)
+            n = self._next
+            self._next += 1
+            if self._block == -1:
+                assert self._offline is not None
+                return self._offline * 1000 + n
+            return NUMBER_BASE + self._block * BLOCK_SIZE + n
+
+    # --- writing: queued, returns at once ---
+
+    def _put(self, op: dict[str, Any]) -> None:
+        with self._cv:
+            self._queue.append(op)
+            self._cv.notify()
 
     def call_started(self, call_id: str, sip_call_id: str | None, caller: str | None,
                      dialled: str | None, worker: int | None = None,
-                     started_at: str | None = None) -> None:
-        self._exec("INSERT INTO calls (id, sip_call_id, worker, caller, dialled, started_at, path) "
-                   "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                   (call_id, sip_call_id, worker, caller, dialled, started_at or now(), "[]"))
+                     started_at: str | dt.datetime | None = None) -> None:
+        """A new call; started_at: any tz-aware time (datetime or ISO text), default now."""
+        self._calls[call_id] = _Call()
+        while len(self._calls) > 2000:
+            self._calls.popitem(last=False)
+        self._put({"op": "call_started", "id": call_id, "sip_call_id": sip_call_id,
+                   "worker": worker, "caller": caller, "dialled": dialled,
+                   "started_at": utc(started_at) or now(), "host": self.host})
 
     def call_answered(self, call_id: str) -> None:
-        self._exec("UPDATE calls SET answered_at = ? WHERE id = ?", (now(), call_id))
+        self._put({"op": "call_answered", "id": call_id, "at": now()})
 
     def add_turn(self, call_id: str, turn: Turn) -> None:
-        """Store a turn and extend the call's path and language at once."""
-        with self._cursor() as cur:
-            cur.execute(self._q("SELECT COUNT(*) FROM turns WHERE call_id = ?"), (call_id,))
-            seq = int(cur.fetchone()[0]) + 1
-            cur.execute(self._q(
-                "INSERT INTO turns (call_id, seq, t_ms, node, language, input, heard, confidence,"
-                " option, result, prompt, prompt_text, barge_in, latency_ms, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
-                (call_id, seq, turn.t_ms, turn.node, turn.language, turn.input, turn.heard,
-                 turn.confidence, turn.option, turn.result, turn.prompt, turn.prompt_text,
-                 int(turn.barge_in), turn.latency_ms, now()))
-            if turn.option:
-                cur.execute(self._q("SELECT path FROM calls WHERE id = ?"), (call_id,))
-                row = cur.fetchone()
-                path = json.loads(row[0]) if row and row[0] else []
-                path.append(turn.option)
-                cur.execute(self._q("UPDATE calls SET path = ? WHERE id = ?"),
-                            (json.dumps(path), call_id))
+        """Store a turn and extend the call's path at once."""
+        c = self._calls.get(call_id)
+        if c is None:
+            c = self._calls[call_id] = _Call()
+        c.seq += 1
+        if turn.option:
+            c.path.append(turn.option)
+        self._put({"op": "turn", "call_id": call_id, "seq": c.seq, "t_ms": turn.t_ms,
+                   "node": turn.node, "language": turn.language, "input": turn.input,
+                   "heard": turn.heard, "confidence": turn.confidence, "option": turn.option,
+                   "result": turn.result, "prompt": turn.prompt,
+                   "prompt_text": turn.prompt_text, "barge_in": int(turn.barge_in),
+                   "latency_ms": turn.latency_ms, "created_at": now(),
+                   "path": list(c.path) if turn.option else None})
 
     def call_ended(self, call_id: str, result: str, language: str | None,
                    recording: str | None, ended_by: str, reason: str = "") -> None:
-        self._exec("UPDATE calls SET ended_at = ?, result = ?, language = COALESCE(?, language), "
-                   "recording = ?, ended_by = ?, reason = ? WHERE id = ?",
-                   (now(), result, language, recording, ended_by, reason, call_id))
+        self._put({"op": "call_ended", "id": call_id, "at": now(), "result": result,
+                   "language": language, "recording": recording, "ended_by": ended_by,
+                   "reason": reason})
 
     def set_language(self, call_id: str, language: str | None) -> None:
         if language:
-            self._exec("UPDATE calls SET language = ? WHERE id = ?", (language, call_id))
+            self._put({"op": "set_language", "id": call_id, "language": language})
+
+    def open_ticket(self, call_id: str, caller: str | None, language: str | None,
+                    kind: str) -> str:
+        """A new ticket for a message being recorded; returns its number (said to the
+        caller), numbered locally (see :meth:`_number`)."""
+        ticket = str(self._number())
+        self._put({"op": "open_ticket", "ticket": ticket, "call_id": call_id, "caller": caller,
+                   "language": language, "kind": kind, "created_at": now()})
+        return ticket
+
+    def close_ticket(self, ticket: str, recording: str | None, duration_ms: float,
+                     speech_ms: float, ended_by: str) -> None:
+        self._put({"op": "close_ticket", "ticket": ticket, "recording": recording,
+                   "duration_ms": duration_ms, "speech_ms": speech_ms, "ended_by": ended_by,
+                   "state": "received" if speech_ms > 0 else "empty"})
+
+    def add_callback(self, call_id: str, caller: str | None, language: str | None,
+                     reason: str) -> int:
+        """Queue a callback; returns its number (``voicebot callbacks done NUMBER``)."""
+        n = self._number()
+        self._put({"op": "add_callback", "id": n, "call_id": call_id, "caller": caller,
+                   "language": language, "reason": reason, "created_at": now()})
+        return n
+
+    # The SQL of each operation; each is idempotent (see the module docstring).
+    def _apply(self, cur: Any, op: dict[str, Any]) -> None:
+        kind = op["op"]
+        q = self._q
+        if kind == "call_started":
+            cur.execute(q("INSERT INTO calls (id, sip_call_id, worker, caller, dialled, "
+                          "started_at, path, host) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                          "ON CONFLICT (id) DO NOTHING"),
+                        (op["id"], op["sip_call_id"], op["worker"], op["caller"], op["dialled"],
+                         op["started_at"], "[]", op.get("host")))
+        elif kind == "call_answered":
+            cur.execute(q("UPDATE calls SET answered_at = ? WHERE id = ?"), (op["at"], op["id"]))
+        elif kind == "turn":
+            cur.execute(q(
+                "INSERT INTO turns (call_id, seq, t_ms, node, language, input, heard, confidence,"
+                " option, result, prompt, prompt_text, barge_in, latency_ms, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (call_id, seq) DO NOTHING"),
+                (op["call_id"], op["seq"], op["t_ms"], op["node"], op["language"], op["input"],
+                 op["heard"], op["confidence"], op["option"], op["result"], op["prompt"],
+                 op["prompt_text"], op["barge_in"], op["latency_ms"], op["created_at"]))
+            if op.get("path") is not None:
+                cur.execute(q("UPDATE calls SET path = ? WHERE id = ?"),
+                            (json.dumps(op["path"]), op["call_id"]))
+        elif kind == "call_ended":
+            cur.execute(q("UPDATE calls SET ended_at = ?, result = ?, "
+                          "language = COALESCE(?, language), recording = ?, ended_by = ?, "
+                          "reason = ? WHERE id = ?"),
+                        (op["at"], op["result"], op["language"], op["recording"],
+                         op["ended_by"], op["reason"], op["id"]))
+        elif kind == "set_language":
+            cur.execute(q("UPDATE calls SET language = ? WHERE id = ?"),
+                        (op["language"], op["id"]))
+        elif kind == "open_ticket":
+            cur.execute(q("INSERT INTO tickets (ticket, call_id, caller, language, kind, state, "
+                          "created_at) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                          "ON CONFLICT (ticket) DO NOTHING"),
+                        (op["ticket"], op["call_id"], op["caller"], op["language"], op["kind"],
+                         "recording", op["created_at"]))
+        elif kind == "close_ticket":
+            cur.execute(q("UPDATE tickets SET state = ?, recording = ?, duration_ms = ?, "
+                          "speech_ms = ?, ended_by = ? WHERE ticket = ?"),
+                        (op["state"], op["recording"], op["duration_ms"], op["speech_ms"],
+                         op["ended_by"], op["ticket"]))
+        elif kind == "add_callback":
+            cur.execute(q("INSERT INTO callbacks (id, call_id, caller, language, reason, "
+                          "created_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING"),
+                        (op["id"], op["call_id"], op["caller"], op["language"], op["reason"],
+                         op["created_at"]))
+        else:
+            raise ValueError(f"unknown store operation {kind!r}")
+
+    # --- the writer thread ---
+
+    def _open_journal(self) -> None:
+        if self.spool is None:
+            return
+        try:
+            self.spool.mkdir(parents=True, exist_ok=True)
+            # One journal per Store: a process may open several (the CLI, the web report).
+            self._journal = self.spool / f"{self.host}-{os.getpid()}-{next(_SERIAL)}.jsonl"
+            self._jfd = os.open(self._journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+            # Held while this process lives: a journal nobody holds is a dead process's.
+            fcntl.flock(self._jfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._journal_bytes = os.fstat(self._jfd).st_size
+            self._journal_ok = True
+        except OSError as exc:
+            log.error("store: no write journal in %s (%s): records wait in memory until the "
+                      "database takes them", self.spool, exc)
+            self._journal_ok = False
+
+    def _journal_write(self, ops: Sequence[dict[str, Any]], rewrite: bool = False) -> None:
+        """Append ``ops`` (or, ``rewrite``, replace the journal by them), fsync'd. A full
+        disk switches to memory: the journal is then rewritten whole once there is room."""
+        if self._jfd is None or (not self._journal_ok and not rewrite):
+            return
+        data = b"".join(json.dumps(op, ensure_ascii=False, separators=(",", ":")).encode()
+                        + b"\n" for op in ops)
+        try:
+            if rewrite:
+                os.ftruncate(self._jfd, 0)
+                self._journal_bytes = 0
+            view = memoryview(data)
+            while view:
+                n = os.write(self._jfd, view)
+                view = view[n:]
+            os.fsync(self._jfd)
+            self._journal_bytes += len(data)
+            if not self._journal_ok:
+                log.warning("store: journal %s writable again (%d records)", self._journal,
+                            len(ops))
+            self._journal_ok = True
+        except OSError as exc:
+            if self._journal_ok:
+                log.error("store: journal %s: %s; records wait in memory until the database "
+                          "takes them", self._journal, exc)
+            self._journal_ok = False
+            with suppress(OSError):  # drop a torn line; the records are in memory
+                os.ftruncate(self._jfd, self._journal_bytes)
+
+    def _wconnect(self) -> Any:
+        if self._wconn is None:
+            self._wconn = self._connect(autocommit=False)
+            try:
+                self._ensure_schema(self._wconn)
+                if self.dsn:
+                    self._wconn.commit()
+            except BaseException:
+                self._drop_write()
+                raise
+        return self._wconn
+
+    def _drop_write(self) -> None:
+        if self._wconn is not None:
+            with suppress(Exception):
+                self._wconn.close()
+            self._wconn = None
+
+    def _commit(self, ops: Sequence[dict[str, Any]]) -> None:
+        """Apply ``ops`` in one transaction; an operation the database rejects (not an
+        outage: bad data) is logged and skipped so it cannot hold up the others."""
+        conn = self._wconnect()
+        cur = conn.cursor()
+        try:
+            if not self.dsn:
+                cur.execute("BEGIN IMMEDIATE")
+            bad: list[int] = []
+            for i, op in enumerate(ops):
+                sp = f"s{i}"
+                cur.execute(f"SAVEPOINT {sp}")
+                try:
+                    self._apply(cur, op)
+                    cur.execute(f"RELEASE SAVEPOINT {sp}")
+                except self._transient():
+                    raise
+                except Exception as exc:  # one bad record must not block all
+                    cur.execute(f"ROLLBACK TO SAVEPOINT {sp}")
+                    cur.execute(f"RELEASE SAVEPOINT {sp}")
+                    bad.append(i)
+                    log.error("store: record rejected by the database, skipped: %s: %s",
+                              json.dumps(op, ensure_ascii=False)[:300], exc)
+            if self.dsn:
+                conn.commit()
+            else:
+                cur.execute("COMMIT")
+        except BaseException:
+            with suppress(Exception):
+                if self.dsn:
+                    conn.rollback()
+                else:
+                    cur.execute("ROLLBACK")
+            raise
+        finally:
+            with suppress(Exception):
+                cur.close()
+
+    def _replay_dead(self, conn_ops: Callable[[Sequence[dict[str, Any]]], None]) -> int:
+        """Replay the journals of dead processes in this spool through ``conn_ops``; each
+        is deleted once the database has it. Returns how many records were replayed."""
+        if self.spool is None or not self.spool.is_dir():
+            return 0
+        total = 0
+        for path in sorted(self.spool.glob("*.jsonl")):
+            if self._journal is not None and path == self._journal:
+                continue
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except OSError:
+                continue
+            try:
+                if not _alive_lock(fd):
+                    continue  # its process is alive: its writer will deliver it
+                ops = read_journal(path)
+                for i in range(0, len(ops), BATCH):
+                    conn_ops(ops[i:i + BATCH])
+                path.unlink()
+                total += len(ops)
+                log.info("store: replayed %d record(s) left by a dead process in %s",
+                         len(ops), path)
+            finally:
+                os.close(fd)
+        return total
+
+    def _run(self) -> None:
+        pending: deque[dict[str, Any]] = deque()  # in the journal (or memory), not yet in db
+        delay = RETRY_MIN_S
+        retry_at = 0.0
+        dead_done = False
+        last_try = False
+        down_since: float | None = None
+        while True:
+            with self._cv:
+                if not self._queue and not self._stop:
+                    due = retry_at - time.monotonic() if (pending or not dead_done) else 1.0
+                    if due > 0:
+                        self._cv.wait(due)
+                new, self._queue = self._queue, []
+                self._inflight += len(new)
+                stopping = self._stop
+            if new:
+                self._journal_write(new)
+                pending.extend(new)
+            if stopping and not last_try:
+                last_try, retry_at = True, 0.0  # closing: one more try even while backing off
+            if time.monotonic() < retry_at and not stopping:
+                continue
+            try:
+                if not dead_done:
+                    self._replayed += self._replay_dead(self._commit)
+                    dead_done = True
+                    self._started.set()
+                while pending:
+                    batch = [pending[i] for i in range(min(BATCH, len(pending)))]
+                    self._commit(batch)
+                    for _ in batch:
+                        pending.popleft()
+                    with self._cv:
+                        self._inflight -= len(batch)
+                        self._cv.notify_all()
+                if not self._journal_ok or self._journal_bytes > JOURNAL_COMPACT_BYTES or (
+                        self._journal_bytes and not new):
+                    self._journal_write([], rewrite=True)  # all delivered: empty the journal
+                self._lease_blocks_on(self._wconnect(), 2)
+                if down_since is not None:
+                    log.warning("store: the database answers again after %.1f s",
+                                time.monotonic() - down_since)
+                    down_since = None
+                delay = RETRY_MIN_S
+            except (StoreUnavailable, *self._transient()) as exc:
+                self._drop_write()
+                if down_since is None:
+                    down_since = time.monotonic()
+                    log.error("store: the database does not answer (%s); %d record(s) wait "
+                              "in the %s", str(exc).strip(), len(pending),
+                              "journal" if self._journal_ok else "memory")
+                if not self._journal_ok and pending:
+                    self._journal_write(list(pending), rewrite=True)  # room again?
+                retry_at = time.monotonic() + delay
+                delay = min(RETRY_MAX_S, delay * 2)
+                if not dead_done:
+                    self._started.set()  # do not hold readers up: they will see the outage
+            except Exception:  # the writer must outlive any surprise
+                log.exception("store: writer error; retrying")
+                self._drop_write()
+                retry_at = time.monotonic() + delay
+                delay = min(RETRY_MAX_S, delay * 2)
+            if stopping:
+                with self._cv:
+                    if not self._queue:
+                        break
+        if pending:
+            self._journal_write(list(pending), rewrite=True)
+            log.warning("store: %d record(s) not delivered at close; kept in %s for the next "
+                        "start", len(pending), self._journal if self._journal_ok else "memory "
+                        "(the disk is full: they are lost with this process)")
+        self._drop_write()
+        if self._jfd is not None:
+            with suppress(OSError):
+                if not pending and self._journal is not None:
+                    self._journal.unlink()
+            os.close(self._jfd)
+            self._jfd = None
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every write so far is in the database; False after ``timeout`` s."""
+        end = time.monotonic() + timeout
+        self._started.wait(timeout)
+        with self._cv:
+            while self._queue or self._inflight:
+                left = end - time.monotonic()
+                if left <= 0 or not self._writer.is_alive():
+                    return False
+                self._cv.wait(min(left, 0.2))
+        return True
+
+    @property
+    def pending(self) -> int:
+        """Writes not yet in the database."""
+        with self._cv:
+            return len(self._queue) + self._inflight
+
+    def replay_dead_spools(self, timeout: float = 30.0) -> int:
+        """Journals of dead processes replayed so far (waits for the writer's first pass,
+        then replays any found since); StoreUnavailable when the database is down."""
+        self._started.wait(timeout)
+
+        def through_read(ops: Sequence[dict[str, Any]]) -> None:
+            def run(cur: Any) -> None:
+                for op in ops:
+                    self._apply(cur, op)
+            self._read(run)
+
+        return self._replayed + self._replay_dead(through_read)
 
     # --- reading ---
 
     def calls(self, last: int | None = None, sip_call_id: str | None = None,
               call_id: str | None = None) -> list[CallRecord]:
-        """Calls, newest first, each with its turns."""
+        """Calls, the one that started last first, each with its turns."""
+        self.flush(READ_WAIT_S)
         where, args = [], []
         if sip_call_id:
             where.append("sip_call_id = ?")
@@ -243,13 +880,15 @@ class Store:
             where.append("id = ?")
             args.append(call_id)
         sql = ("SELECT id, sip_call_id, worker, caller, dialled, started_at, answered_at, "
-               "ended_at, language, path, result, recording, ended_by, reason FROM calls")
+               "ended_at, language, path, result, recording, ended_by, reason, host FROM calls")
         if where:
             sql += " WHERE " + " AND ".join(where)
+        # Every time is UTC text of one width (see utc()): text order is time order.
         sql += " ORDER BY started_at DESC, id DESC"
         if last:
             sql += f" LIMIT {int(last)}"
-        with self._cursor() as cur:
+
+        def run(cur: Any) -> list[CallRecord]:
             cur.execute(self._q(sql), tuple(args))
             rows = cur.fetchall()
             out = []
@@ -266,83 +905,92 @@ class Store:
                     t["barge_in"] = bool(t["barge_in"])
                 out.append(CallRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8],
                                       json.loads(r[9] or "[]"), r[10], r[11], r[12], r[13],
-                                      turns))
-        return out
+                                      turns, r[14]))
+            return out
 
-    # --- call-centre duties ---
+        return self._read(run)  # type: ignore[no-any-return]
 
-    def _insert_id(self, sql: str, args: Sequence[Any]) -> int:
-        """INSERT ... RETURNING id (SQLite 3.35+ and PostgreSQL both have RETURNING)."""
-        with self._cursor() as cur:
-            cur.execute(self._q(sql + " RETURNING id"), tuple(args))
-            return int(cur.fetchone()[0])
+    # --- call-centre duties (synchronous: used by the CLI, not on a call) ---
 
     def upsert_applications(self, rows: Sequence[tuple[str, str, str]]) -> int:
         """Insert or replace (number, status, ISO date) rows; returns how many."""
         stamp = now()
-        with self._cursor() as cur:
+
+        def run(cur: Any) -> None:
             for number, status, date in rows:
                 cur.execute(self._q(
                     "INSERT INTO applications (number, status, status_date, imported_at) "
                     "VALUES (?, ?, ?, ?) ON CONFLICT (number) DO UPDATE SET "
                     "status = excluded.status, status_date = excluded.status_date, "
                     "imported_at = excluded.imported_at"), (number, status, date, stamp))
+
+        self._read(run)
         return len(rows)
 
     def application(self, number: str) -> tuple[str, dt.date] | None:
-        """(status, date) of an application, or None."""
-        with self._cursor() as cur:
+        """(status, date) of an application, or None; StoreUnavailable when the database
+        does not answer (call it off the call thread)."""
+        def run(cur: Any) -> Any:
             cur.execute(self._q("SELECT status, status_date FROM applications WHERE number = ?"),
                         (number,))
-            row = cur.fetchone()
+            return cur.fetchone()
+
+        row = self._read(run)
         return (row[0], dt.date.fromisoformat(row[1])) if row else None
 
-    def open_ticket(self, call_id: str, caller: str | None, language: str | None,
-                    kind: str) -> str:
-        """A new ticket for a message being recorded; returns its number (said to the caller)."""
-        tid = self._insert_id("INSERT INTO tickets (call_id, caller, language, kind, state, "
-                              "created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                              (call_id, caller, language, kind, "recording", now()))
-        ticket = str(TICKET_BASE + tid)
-        self._exec("UPDATE tickets SET ticket = ? WHERE id = ?", (ticket, tid))
-        return ticket
-
-    def close_ticket(self, ticket: str, recording: str | None, duration_ms: float,
-                     speech_ms: float, ended_by: str) -> None:
-        state = "received" if speech_ms > 0 else "empty"
-        self._exec("UPDATE tickets SET state = ?, recording = ?, duration_ms = ?, speech_ms = ?,"
-                   " ended_by = ? WHERE ticket = ?",
-                   (state, recording, duration_ms, speech_ms, ended_by, ticket))
-
     def tickets(self) -> list[dict[str, Any]]:
+        self.flush(READ_WAIT_S)
         cols = ("ticket", "call_id", "caller", "language", "kind", "state", "recording",
                 "duration_ms", "speech_ms", "ended_by", "created_at")
-        with self._cursor() as cur:
-            cur.execute(f"SELECT {', '.join(cols)} FROM tickets ORDER BY id")
+
+        def run(cur: Any) -> list[dict[str, Any]]:
+            cur.execute(f"SELECT {', '.join(cols)} FROM tickets ORDER BY created_at, id")
             return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 
-    def add_callback(self, call_id: str, caller: str | None, language: str | None,
-                     reason: str) -> int:
-        return self._insert_id("INSERT INTO callbacks (call_id, caller, language, reason, "
-                               "created_at) VALUES (?, ?, ?, ?, ?)",
-                               (call_id, caller, language, reason, now()))
+        return self._read(run)  # type: ignore[no-any-return]
 
     def callbacks(self, outstanding_only: bool = False) -> list[dict[str, Any]]:
+        self.flush(READ_WAIT_S)
         cols = ("id", "call_id", "caller", "language", "reason", "created_at", "done_at")
         sql = f"SELECT {', '.join(cols)} FROM callbacks"
         if outstanding_only:
             sql += " WHERE done_at IS NULL"
-        with self._cursor() as cur:
-            cur.execute(sql + " ORDER BY id")
+
+        def run(cur: Any) -> list[dict[str, Any]]:
+            cur.execute(sql + " ORDER BY created_at, id")
             return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+        return self._read(run)  # type: ignore[no-any-return]
 
     def callback_done(self, callback_id: int) -> bool:
         """Mark a callback made; False when there is no such outstanding callback."""
-        with self._cursor() as cur:
+        self.flush(READ_WAIT_S)
+
+        def run(cur: Any) -> bool:
             cur.execute(self._q("UPDATE callbacks SET done_at = ? WHERE id = ? AND "
                                 "done_at IS NULL"), (now(), callback_id))
             return bool(cur.rowcount)
 
-    def close(self) -> None:
+        return self._read(run)  # type: ignore[no-any-return]
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """One statement (``?`` placeholders) on the read connection, for recovery; the rows
+        it returns, if any."""
+        def run(cur: Any) -> list[tuple[Any, ...]]:
+            cur.execute(self._q(sql), tuple(args))
+            return list(cur.fetchall()) if cur.description else []
+
+        return self._read(run)  # type: ignore[no-any-return]
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Deliver what the database takes within ``timeout`` s; the rest stays in the
+        journal for the next process."""
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        self._writer.join(timeout)
+        if self._writer.is_alive():
+            log.warning("store: writer still busy after %.0f s at close; its journal %s is "
+                        "replayed by the next start", timeout, self._journal)
         with self._lock:
-            self._conn.close()
+            self._drop_read()
