@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import shutil
 from pathlib import Path
 
@@ -20,12 +21,19 @@ SATURDAY = dt.datetime(2026, 11, 21, 11, 0, tzinfo=BAKU)
 HOLIDAY = dt.datetime(2026, 6, 15, 11, 0, tzinfo=BAKU)
 
 
-def shared_data() -> Path:
-    """../shared/data, or skip: a user's clone has no ../shared."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real recordings not available: {SHARED_DATA} is absent (they live beside "
-                    "the repository in the development environment)")
-    return SHARED_DATA
+def shared_data(sub: str = "") -> Path:
+    """../shared/data (or a path under it), or skip: a user's clone has no ../shared.
+
+    In CI (``CI`` set) the recordings are always there, so their absence fails the test
+    instead: a VAD or talk-off test must never pass there by skipping."""
+    path = SHARED_DATA / sub if sub else SHARED_DATA
+    if not path.exists():
+        why = (f"real recordings not available: {path} is absent (../shared/data lives "
+               "beside the repository in the development environment, not in a clone)")
+        if os.environ.get("CI"):
+            pytest.fail(f"{why}; CI must have them")
+        pytest.skip(why)
+    return path
 
 
 @pytest.fixture(scope="session")

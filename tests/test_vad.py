@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import shared_data
 
 from voicebot.config import VadConfig
 from voicebot.frames import AudioFrame, add_noise, read_audio, resample, silence, split_frames
@@ -46,11 +47,7 @@ MULTI_WORD = "asterisk-en/en/1-yes-2-no.wav"  # "Press 1 for yes, or 2 for no."
 
 @pytest.fixture(scope="module")
 def need_data() -> None:
-    if not SPEECH.is_dir():
-        pytest.skip(
-            f"real recordings not found at {SPEECH}: ../shared/data sits beside the "
-            "repository and is not part of a clone"
-        )
+    shared_data("speech")
 
 
 @cache
