@@ -5,7 +5,9 @@ barge-in, while it speaks) gives the next input: keys as RFC 4733 events (or SIP
 INFO, or in-band tones), speech synthesised by espeak-ng or a recording streamed as
 RTP, or silence. After the last input it waits for the reply and hangs up. What the
 bot heard and decided comes from the bot's call records (matched by SIP Call-ID)
-when they are reachable, otherwise from what the softphone itself observed.
+when they are reachable, otherwise from what the softphone itself observed. With
+``identify`` the prompts the caller actually heard are found in the received audio
+(:mod:`voicebot.heard`), independently of the bot's records.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from .config import Config
 from .dtmf import generate
 from .errors import VoicebotError
 from .frames import AudioFrame, read_audio, resample, rms_dbfs, silence, write_wav
+from .heard import Heard, matcher_for
 from .menus import Grammars, load_grammars, normalize_text
 from .simulator import CALLER_LEVEL_DBFS, CALLER_RATE_WPM, CallerInput
 from .store import Store
@@ -64,6 +67,10 @@ class CallResult:
     call_record: dict[str, Any] | None = None
     recording: Path | None = None
     duration_ms: float = 0.0
+    # Everything the bot sent, as received after the codec (int16 at received_rate).
+    received: np.ndarray | None = None
+    received_rate: int = 8000
+    heard: list[Heard] = field(default_factory=list)  # with identify: prompts found in it
 
 
 class _Audio:
@@ -154,7 +161,8 @@ class Softphone:
                  language: str | None = None, barge_in_ms: int | None = None,
                  dtmf_method: str = "rfc4733", quiet_ms: int = 1500,
                  record: Path | None = None, timeout_s: float = 300.0,
-                 bind: str = "127.0.0.1", grammars: Grammars | None = None) -> None:
+                 bind: str = "127.0.0.1", grammars: Grammars | None = None,
+                 identify: bool = False) -> None:
         if not uri.startswith(("sip:", "sips:")):
             raise VoicebotError(f"{uri!r} is not a SIP URI; use sip:919@HOST:PORT")
         if dtmf_method not in ("rfc4733", "info", "inband"):
@@ -169,6 +177,7 @@ class Softphone:
         self.record = record
         self.timeout_s = timeout_s
         self.bind = bind
+        self.identify = identify
         self.grammars = grammars or load_grammars(cfg.grammars_dir)
         self.sip_call_id = ""
         self._voice: PromptCache | None = None
@@ -202,9 +211,15 @@ class Softphone:
         # As in the bot (Telephony.run): no cyclic GC on PJSIP's clock thread.
         gc.disable()
         try:
-            return self._run()
+            result = self._run()
         finally:
             gc.enable()
+        if self.identify and result.received is not None:
+            # After the call, off PJSIP's threads: matching takes about 2% of the call's
+            # length, and building the matcher (every prompt's audio) about a second.
+            result.heard = matcher_for(self.cfg, self.grammars).identify(
+                result.received, result.received_rate)
+        return result
 
     def _run(self) -> CallResult:
         ep = create_endpoint()
@@ -332,6 +347,9 @@ class Softphone:
         result.sip_call_id = self.sip_call_id
         result.status, result.reason = call.status, call.reason
         result.duration_ms = audio.t_ms
+        result.received = (np.concatenate(audio.rx) if audio.rx
+                           else np.zeros(0, dtype=np.int16))
+        result.received_rate = audio.rate
         if self.record is not None:
             rx = np.concatenate(audio.rx).astype(np.int32) if audio.rx else np.zeros(0, np.int32)
             tx = np.concatenate(audio.tx).astype(np.int32) if audio.tx else np.zeros(0, np.int32)
