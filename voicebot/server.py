@@ -1,34 +1,47 @@
-"""`voicebot serve`: one endpoint, or N worker processes behind Kamailio.
+"""`voicebot serve`: worker processes under a supervisor, behind Kamailio when N > 1.
 
 pjsua2-python holds 4 calls per process, so capacity comes from processes. The
-master process loads the Vosk models and intent classifiers once, then forks the
-workers: the models' memory (about 500 MB for Korean) is shared copy-on-write by
-every worker instead of being loaded N times. Each worker runs its own pjsua2
-endpoint on its own SIP port and RTP range. Kamailio, configured from
-``deploy/kamailio.cfg.tmpl``, listens on the public address and sends each new
-call to the least-loaded worker with a free slot, health-checks workers with
-OPTIONS, and skips one that is busy, refuses or has died. The master restarts
-dead workers. With one worker there is no Kamailio: the endpoint listens on the
-public address itself.
+supervisor (the very process that was started) loads the Vosk models and intent
+classifiers once, then forks the workers: the models' memory (about 500 MB for
+Korean) is shared copy-on-write by every worker instead of being loaded N times.
+Each worker runs its own pjsua2 endpoint on its own SIP port and RTP range.
+Kamailio, configured from ``deploy/kamailio.cfg.tmpl``, listens on the public
+address and sends each new call to the least-loaded worker with a free slot,
+health-checks workers with OPTIONS, and skips one that is busy, refuses or has
+died. With one worker there is no Kamailio: the worker listens on the public
+address itself, but it is still a forked, supervised process, so a crash in
+PJSIP (an assertion abort) costs that worker's calls, never the line.
+
+The supervisor restarts a dead worker (or Kamailio) with backoff, 0.5 s doubling
+to 30 s, back to 0.5 s once a process has stayed up for a minute. Workers and
+Kamailio die with the supervisor (PR_SET_PDEATHSIG, and the worker watches its
+parent too), and ``var/serve.pid`` names every process of a running bot, so the
+next start can clean up what a killed one left holding the ports.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime as dt
 import gc
+import json
 import logging
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .config import PROJECT_ROOT, Config, parse_hostport
+from .errors import VoicebotError
 from .session import VoiceCore
 from .store import Store
 
@@ -36,6 +49,15 @@ log = logging.getLogger("voicebot.server")
 
 KAMAILIO_MODULES = ("/usr/lib/x86_64-linux-gnu/kamailio/modules", "/usr/lib/kamailio/modules",
                     "/usr/local/lib64/kamailio/modules", "/usr/local/lib/kamailio/modules")
+
+# Restart backoff (s): a process that dies at once (a port taken, a broken store) must not
+# be forked in a tight loop, and one that ran for a while gets a fast restart again.
+BACKOFF_FIRST_S = 0.5
+BACKOFF_MAX_S = 30.0
+STABLE_AFTER_S = 60.0
+PARENT_CHECK_S = 0.5  # how often a worker checks that its supervisor is still there
+PID_FILE = "serve.pid"
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def make_clock(core: VoiceCore, at: dt.datetime | None):  # type: ignore[no-untyped-def]
@@ -62,6 +84,9 @@ def run_worker(core: VoiceCore, index: int, workers: int, listen: str,
 
     address, rtp = worker_address(core.cfg, index, workers, listen)
     store = Store.from_config(core.cfg)
+    # Before the endpoint takes calls: the calls a killed predecessor left open are closed
+    # as interrupted, its half-written recordings made playable.
+    run_recovery(core.cfg, store, index)
     tel = Telephony(core, store, address, rtp, worker=index, clock=make_clock(core, at))
     try:
         tel.start()
@@ -69,6 +94,215 @@ def run_worker(core: VoiceCore, index: int, workers: int, listen: str,
     finally:
         tel.close()
         store.close()
+
+
+def run_recovery(cfg: Config, store: Store, worker: int | None) -> None:
+    """Close calls a crash left open and repair `.part` recordings (voicebot.recovery).
+
+    ``worker`` None: every worker of this host (the supervisor, once at start). Recovery
+    is repair work: an import or runtime failure is logged and never stops serving."""
+    try:
+        from . import recovery  # type: ignore[attr-defined]
+    except Exception:
+        log.exception("start-up recovery unavailable (voicebot.recovery does not import); "
+                      "serving without it: calls a crash left open stay open")
+        return
+    try:
+        recovery.recover(cfg, store, worker=worker, host=socket.gethostname())
+    except Exception:
+        log.exception("start-up recovery failed for %s; serving anyway",
+                      "every worker" if worker is None else f"worker {worker}")
+
+
+# --- dying with the supervisor ---
+
+_libc: Any = None
+
+
+def _prctl() -> Callable[..., int] | None:
+    """libc's prctl, resolved in the parent: a fork child must not dlopen (locks)."""
+    global _libc
+    if not sys.platform.startswith("linux"):
+        return None
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(None, use_errno=True)
+        except OSError:
+            _libc = False
+    return getattr(_libc, "prctl", None) if _libc else None
+
+
+def die_with_parent(parent: int, sig: int = signal.SIGTERM) -> None:
+    """Have the kernel send ``sig`` to this process when its parent dies (Linux).
+
+    SIGTERM, not SIGKILL: a worker whose supervisor was killed still ends its calls
+    politely. If the parent is already gone (it died before this ran), exit now."""
+    prctl = _prctl()
+    if prctl is not None:
+        prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def watch_parent(parent: int, stop: threading.Event, grace_s: float) -> threading.Thread:
+    """Second line behind PR_SET_PDEATHSIG: stop when the supervisor is gone, exit for sure.
+
+    The thread never touches pjsua2; it sets ``stop`` (the worker ends its calls) and,
+    if the worker has not exited ``grace_s`` later, ends the process."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_S)
+        log.error("worker pid %d: its supervisor (pid %d) is gone; ending calls and exiting",
+                  os.getpid(), parent)
+        stop.set()
+        time.sleep(grace_s)
+        log.error("worker pid %d did not stop within %.0f s of its supervisor's death; exiting",
+                  os.getpid(), grace_s)
+        os._exit(1)
+
+    t = threading.Thread(target=watch, name="parent-watch", daemon=True)
+    t.start()
+    return t
+
+
+# --- the pid file: what a running bot consists of ---
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat fields from field 3 (state) on; None if no such live process."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return None
+    fields = text.rsplit(")", 1)[1].split()
+    return None if fields[0] in ("Z", "X") else fields  # a zombie holds no port
+
+
+def proc_start(pid: int) -> int | None:
+    """Start time of live process ``pid`` (clock ticks since boot): pid and start time
+    name one process even after the pid number is reused."""
+    fields = _proc_stat(pid)
+    return int(fields[19]) if fields else None
+
+
+def _entry(pid: int) -> dict[str, int]:
+    return {"pid": pid, "start": proc_start(pid) or 0}
+
+
+def _same_process(entry: Any) -> bool:
+    try:
+        pid, start = int(entry["pid"]), int(entry["start"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    return pid > 0 and pid != os.getpid() and proc_start(pid) == start
+
+
+def _group_members(pgid: int, needle: str) -> list[int]:
+    """Live processes in process group ``pgid`` whose command line contains ``needle``."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        fields = _proc_stat(int(d.name))
+        if not fields or int(fields[2]) != pgid:
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if needle in cmd:
+            found.append(int(d.name))
+    return found
+
+
+def write_pid_file(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)  # a reader never sees half a file
+
+
+def reclaim_stale(path: Path, wait_s: float = 5.0) -> list[int]:
+    """Clean up after a bot that died without stopping its processes; returns pids stopped.
+
+    A live supervisor named in ``path`` is a running bot: that is an error saying how to
+    stop it (killing someone's running line is not ours to do). Workers and Kamailio whose
+    supervisor is dead are orphans holding the SIP ports: SIGTERM, then SIGKILL."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as exc:
+        log.warning("%s is unreadable (%s); ignoring it", path, exc)
+        return []
+    sup = data.get("supervisor")
+    if _same_process(sup):
+        pid = sup["pid"]
+        raise VoicebotError(
+            f"{path}: voicebot serve is already running as pid {pid} (listening on "
+            f"{data.get('listen', '?')}); stop it first (`kill {pid}`, or through your service "
+            "manager), or give this bot its own [paths] var folder")
+    victims: dict[int, str] = {}
+    for index, entry in (data.get("workers") or {}).items():
+        if _same_process(entry):
+            victims[int(entry["pid"])] = f"worker {index}"
+    kam = data.get("kamailio")
+    if isinstance(kam, dict) and kam.get("pid"):
+        # Kamailio runs in its own process group; its children are found through it.
+        for pid in _group_members(int(kam["pid"]), str(kam.get("config") or "kamailio")):
+            victims[pid] = "kamailio"
+    starts = {pid: proc_start(pid) for pid in victims}
+
+    def alive() -> list[int]:
+        return [p for p, st in starts.items() if st is not None and proc_start(p) == st]
+
+    for pid, what in victims.items():
+        log.warning("%s (pid %d) of a voicebot serve that died (pid %s) still runs; stopping "
+                    "it", what, pid, (sup or {}).get("pid", "?"))
+        print(f"note: stopping {what} (pid {pid}) left running by a voicebot serve that died",
+              file=sys.stderr)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + wait_s
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in alive():
+        log.warning("pid %d did not stop on SIGTERM; killing it", pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5.0
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if alive():
+        raise VoicebotError(f"{path}: processes {alive()} of a dead voicebot serve cannot be "
+                            "stopped; kill them by hand (kill -9) and start again")
+    path.unlink(missing_ok=True)
+    return sorted(victims)
+
+
+def check_ports_free(cfg: Config, workers: int, listen: str) -> None:
+    """Fail before loading models when a SIP port we need is taken, naming it."""
+    wanted = [parse_hostport(listen)]
+    if workers > 1:
+        wanted += [parse_hostport(worker_address(cfg, i, workers, listen)[0])
+                   for i in range(workers)]
+    for host, port in wanted:
+        for transport in cfg.sip.transports:
+            kind = socket.SOCK_DGRAM if transport == "udp" else socket.SOCK_STREAM
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            with socket.socket(family, kind) as s:
+                if kind == socket.SOCK_STREAM:  # TIME_WAIT leftovers do not block a listener
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind((host, port))
+                except OSError as exc:
+                    raise VoicebotError(
+                        f"cannot listen on {transport} {host}:{port} ({exc.strerror}): another "
+                        "program holds it (another voicebot or a PBX?); stop it, or change "
+                        "[sip] listen / worker_port or pass --listen") from None
 
 
 def _install_stop_handlers(stop: threading.Event) -> None:
@@ -103,6 +337,9 @@ def write_kamailio_config(cfg: Config, workers: int, listen: str, folder: Path) 
         "debug": "2", "listen": listens, "alias": f"{host}:{port}",
         "modules": kamailio_modules(), "dispatcher_list": str(dlist), "fr_timer_ms": "1500",
         "ping_interval_s": "1",
+        # A call whose BYE never comes (its worker was killed, the caller's phone died)
+        # gives its slot back after the longest call a worker allows.
+        "load_expire_s": str(int(cfg.dialog.max_call_s) + 60), "load_initexpire_s": "60",
     }
     text = (PROJECT_ROOT / "deploy" / "kamailio.cfg.tmpl").read_text(encoding="utf-8")
     for key, value in values.items():
@@ -128,28 +365,51 @@ def pss_mb(pids: list[int]) -> float:
     return total_kb / 1024
 
 
+def describe_exit(status: int) -> str:
+    """A waitpid status in words: "killed by SIGABRT", "exit code 1"."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            return f"killed by {signal.Signals(sig).name}"
+        except ValueError:
+            return f"killed by signal {sig}"
+    return f"exit code {os.waitstatus_to_exitcode(status)}"
+
+
 class Supervisor:
-    """The master process: forks workers, runs Kamailio, restarts what dies."""
+    """The process that was started: forks the workers, runs Kamailio, restarts what dies."""
 
     def __init__(self, core: VoiceCore, workers: int, listen: str,
-                 at: dt.datetime | None) -> None:
+                 at: dt.datetime | None, pid_file: Path | None = None) -> None:
         self.core = core
         self.workers = workers
         self.listen = listen
         self.at = at
+        self.pid_file = pid_file
         self.pids: dict[int, int] = {}  # pid -> worker index
         self.kamailio: subprocess.Popen[bytes] | None = None
+        self.kamailio_conf: Path | None = None
         self.stop = threading.Event()
         self.restarts = 0
         self.web: tuple[str, int] | None = None
+        # Backoff per process ("kamailio" or a worker index): when it started, its last
+        # restart delay, and when a pending restart is due.
+        self._started: dict[int | str, float] = {}
+        self._delay: dict[int | str, float] = {}
+        self._due: dict[int | str, float] = {}
+
+    # --- processes ---
 
     def _fork(self, index: int) -> None:
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # the worker
             code = 0
             try:
+                die_with_parent(parent)
                 stop = threading.Event()
                 _install_stop_handlers(stop)
+                watch_parent(parent, stop, self.core.cfg.sip.shutdown_grace_s + 5.0)
                 run_worker(self.core, index, self.workers, self.listen, self.at, stop)
             except BaseException:
                 log.exception("worker %d failed", index)
@@ -158,7 +418,9 @@ class Supervisor:
                 logging.shutdown()
                 os._exit(code)
         self.pids[pid] = index
+        self._started[index] = time.monotonic()
         log.info("worker %d started (pid %d)", index, pid)
+        self._save()
 
     def _start_kamailio(self) -> None:
         binary = shutil.which("kamailio") or "/usr/sbin/kamailio"
@@ -170,11 +432,94 @@ class Supervisor:
         check = subprocess.run([binary, "-c", "-f", str(conf)], capture_output=True, text=True)
         if check.returncode != 0:
             raise RuntimeError(f"{conf}: Kamailio rejects the configuration:\n{check.stderr}")
+        parent = os.getpid()
+        _prctl()  # resolved here: the child between fork and exec must not dlopen
+
+        def dies_with_us() -> None:
+            die_with_parent(parent)
+
+        # Its own session: a Ctrl-C in the terminal must not take Kamailio down while the
+        # workers are still sending their goodbyes' BYEs through it (record-routed); the
+        # supervisor stops it last. Its children share its process group, which is how a
+        # later start finds them if they outlive everything.
         self.kamailio = subprocess.Popen(
             [binary, "-DD", "-E", "-f", str(conf), "-P", str(folder / "kamailio.pid"),
-             "-m", "64", "-M", "8"], stdin=subprocess.DEVNULL)
+             "-m", "64", "-M", "8"], stdin=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=dies_with_us)
+        self.kamailio_conf = conf
+        self._started["kamailio"] = time.monotonic()
         log.info("kamailio (pid %d) dispatching %s to %d workers", self.kamailio.pid,
                  self.listen, self.workers)
+        self._save()
+
+    def _save(self) -> None:
+        """The pid file: every process of this bot, for the next start to clean up."""
+        if self.pid_file is None:
+            return
+        kam = None
+        if self.kamailio is not None and self.kamailio.returncode is None:
+            kam = {**_entry(self.kamailio.pid), "config": str(self.kamailio_conf)}
+        write_pid_file(self.pid_file, {
+            "supervisor": _entry(os.getpid()), "listen": self.listen,
+            "workers": {str(i): _entry(pid) for pid, i in sorted(self.pids.items(),
+                                                                  key=lambda kv: kv[1])},
+            "kamailio": kam, "restarts": self.restarts})
+
+    def _schedule_restart(self, key: int | str, why: str) -> None:
+        """Restart ``key`` after its backoff delay; ``why`` says what happened to it."""
+        now = time.monotonic()
+        uptime = now - self._started.get(key, now)
+        prev = self._delay.get(key)
+        delay = (BACKOFF_FIRST_S if prev is None or uptime >= STABLE_AFTER_S
+                 else min(prev * 2, BACKOFF_MAX_S))
+        self._delay[key] = delay
+        self._due[key] = now + delay
+        self.restarts += 1
+        log.warning("%s after %.1f s; restart %d of this bot in %.1f s", why, uptime,
+                    self.restarts, delay)
+
+    def _restart_due(self) -> None:
+        now = time.monotonic()
+        for key, due in sorted(self._due.items(), key=lambda kv: kv[1]):
+            if due > now or self.stop.is_set():
+                continue
+            del self._due[key]
+            try:
+                if key == "kamailio":
+                    self._start_kamailio()
+                else:
+                    assert isinstance(key, int)
+                    self._fork(key)
+            except Exception as exc:  # try again later rather than leave the line down
+                self._started[key] = now
+                self._schedule_restart(key, f"restarting {key} failed ({exc})")
+
+    def _reap(self) -> None:
+        """Collect every child that ended; schedule restarts unless we are stopping."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid in self.pids:
+                index = self.pids.pop(pid)
+                if self.stop.is_set():
+                    log.info("worker %d (pid %d) stopped: %s", index, pid, describe_exit(status))
+                else:
+                    self._schedule_restart(
+                        index, f"worker {index} (pid {pid}) died: {describe_exit(status)}")
+            elif self.kamailio is not None and pid == self.kamailio.pid:
+                self.kamailio.returncode = os.waitstatus_to_exitcode(status)
+                if not self.stop.is_set():
+                    self._schedule_restart(
+                        "kamailio", f"kamailio (pid {pid}) died: {describe_exit(status)}")
+            else:
+                continue
+            self._save()
+
+    # --- the loop ---
 
     def run(self) -> int:
         _install_stop_handlers(self.stop)
@@ -194,49 +539,35 @@ class Supervisor:
                 pids = [os.getpid(), *self.pids]
                 log.info("memory: %.0f MB PSS over %d voicebot processes (models loaded once, "
                          "shared by the workers)", pss_mb(pids), len(pids))
-            self._reap(restart=True)
-            if self.kamailio is not None and self.kamailio.poll() is not None:
-                log.error("kamailio exited (%s); restarting it", self.kamailio.returncode)
-                self._start_kamailio()
+            self._reap()
+            self._restart_due()
             self.stop.wait(0.2)
+        self._due.clear()
         for pid in list(self.pids):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + self.core.cfg.sip.shutdown_grace_s + 10
         while self.pids and time.monotonic() < deadline:
-            self._reap(restart=False)
+            self._reap()
             time.sleep(0.1)
         for pid in list(self.pids):
             log.warning("worker pid %d did not stop; killing it", pid)
-            os.kill(pid, signal.SIGKILL)
-            self._reap(restart=False)
-        if self.kamailio is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        while self.pids and time.monotonic() < deadline + 5:
+            self._reap()
+            time.sleep(0.05)
+        if self.kamailio is not None and self.kamailio.returncode is None:
             self.kamailio.terminate()
             try:
                 self.kamailio.wait(10)
             except subprocess.TimeoutExpired:
                 self.kamailio.kill()
+                self.kamailio.wait(5)
         if httpd is not None:
             httpd.shutdown()
-        log.info("stopped")
+        log.info("stopped (%d restart(s) while running)", self.restarts)
         return 0
-
-    def _reap(self, restart: bool) -> None:
-        while self.pids:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            if pid not in self.pids:
-                continue
-            index = self.pids.pop(pid)
-            if restart and not self.stop.is_set():
-                self.restarts += 1
-                log.warning("worker %d (pid %d) died (status %d); restarting it", index, pid,
-                            status)
-                self._fork(index)
 
 
 def start_web(cfg: Config, web: tuple[str, int]):  # type: ignore[no-untyped-def]
@@ -253,35 +584,40 @@ def serve(cfg: Config, workers: int = 1, listen: str | None = None,
           at: dt.datetime | None = None, web: tuple[str, int] | None = None) -> int:
     """Load everything once, then serve calls until SIGINT or SIGTERM; returns 0."""
     listen = listen or cfg.sip.listen
-    core = VoiceCore(cfg)
-    for line in core.startup_report():
-        log.warning("%s", line)
-        print(f"note: {line}", file=sys.stderr)
-    core.load_models()
-    _ = core.intents  # load before forking, so workers share them too
-    Store.from_config(cfg).close()  # create the schema once
-    host, port = parse_hostport(listen)
-    number = cfg.sip.numbers[0]
-    print(f"voicebot: listening on sip:{number}@{host}:{port} ({'+'.join(cfg.sip.transports)}),"
-          f" {workers} worker(s) x {cfg.sip.max_calls} calls", flush=True)
-    # `make run` starts us from .venv/bin, which is usually not on the PATH of the terminal
-    # the user calls from: print a command that works there.
-    exe = "voicebot" if shutil.which("voicebot") else str(Path(sys.argv[0]).resolve())
-    print(f"voicebot: call it with: {exe} call sip:{number}@{host}:{port} --press 3 "
-          "--press 2 --json", flush=True)
-    if workers == 1:
-        stop = threading.Event()
-        _install_stop_handlers(stop)
-        httpd = start_web(cfg, web) if web else None
+    pid_file = cfg.var_dir / PID_FILE
+    # Before anything slow: a killed bot's orphans give the ports back, a running bot on
+    # the same var/ is an error, and a port someone else holds is named now, not after
+    # the models have loaded.
+    reclaim_stale(pid_file)
+    check_ports_free(cfg, workers, listen)
+    write_pid_file(pid_file, {"supervisor": _entry(os.getpid()), "listen": listen,
+                              "workers": {}, "kamailio": None, "restarts": 0})
+    try:
+        core = VoiceCore(cfg)
+        for line in core.startup_report():
+            log.warning("%s", line)
+            print(f"note: {line}", file=sys.stderr)
+        core.load_models()
+        _ = core.intents  # load before forking, so workers share them too
+        store = Store.from_config(cfg)  # creates the schema once
         try:
-            run_worker(core, 0, 1, listen, at, stop)
+            run_recovery(cfg, store, None)  # no worker runs yet: every open call is a crash's
         finally:
-            if httpd is not None:
-                httpd.shutdown()
-        return 0
-    sup = Supervisor(core, workers, listen, at)
-    if web:
-        # Started in the master after it forked the first workers would be cleaner, but
-        # workers restarted later fork from it anyway; they never serve the page.
+            store.close()
+        host, port = parse_hostport(listen)
+        number = cfg.sip.numbers[0]
+        print(f"voicebot: listening on sip:{number}@{host}:{port} "
+              f"({'+'.join(cfg.sip.transports)}), {workers} worker(s) x {cfg.sip.max_calls} "
+              "calls", flush=True)
+        # `make run` starts us from .venv/bin, which is usually not on the PATH of the
+        # terminal the user calls from: print a command that works there.
+        exe = "voicebot" if shutil.which("voicebot") else str(Path(sys.argv[0]).resolve())
+        print(f"voicebot: call it with: {exe} call sip:{number}@{host}:{port} --press 3 "
+              "--press 2 --json", flush=True)
+        sup = Supervisor(core, workers, listen, at, pid_file=pid_file)
         sup.web = web
-    return sup.run()
+        return sup.run()
+    finally:
+        # Workers never get here (they leave through os._exit); a bot that stopped,
+        # cleanly or not, leaves no pid file naming it.
+        pid_file.unlink(missing_ok=True)
