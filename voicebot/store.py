@@ -135,7 +135,9 @@ TIME_COLUMNS = {"calls": ("id", ["started_at", "answered_at", "ended_at"]),
 TICKET_BASE = 100000  # old numbering (100000 + row id), kept for the numbers it gave out
 NUMBER_BASE = 1_000_000  # block b gives the numbers 1_000_000 + 1000 b ... + 999
 BLOCK_SIZE = 1000
-OFFLINE_PREFIX = 9  # numbers made without any leased block: 9, 6 digits of time, 2 of pid
+# Numbers made without a leased block: 10**9 + 1000 x + n, x from the start time and pid.
+# Ten digits, below 2**31: callbacks.id is a 32-bit integer in PostgreSQL.
+OFFLINE_BASE = 1_000_000_000
 
 RETRY_MIN_S = 0.2
 RETRY_MAX_S = 5.0
@@ -481,17 +483,18 @@ class Store:
         """A ticket or callback number, unique across processes and hosts, without asking
         the database: the next of a block of 1000 leased from ``number_blocks`` (the writer
         keeps a spare block leased). Block b numbers 1000000 + 1000 b ... + 999: seven
-        digits for the first 8999 blocks, then eight. Only a process that has never reached
-        the database since it started and has used up nothing has no block: it numbers
-        9, six digits of its start time and two of its pid, then three of its own
-        (12 digits, said digit by digit like the others)."""
+        digits for the first 8999 blocks, then eight. Only a process that has not reached
+        the database since it started has no block: it numbers from 1000000000 + 1000 x,
+        x made of the time (seconds, mod 10000) and its pid (mod 100), ten digits that no
+        block reaches; two such processes collide only if they start in the same second
+        (mod 2.7 h) with pids equal mod 100 and both never reach the database."""
         with self._num_lock:
             if self._blocks and (self._block is None or self._block == -1
                                  or self._next >= BLOCK_SIZE):
                 self._block, self._next = self._blocks.popleft(), 0
             elif self._block is None or self._next >= BLOCK_SIZE:
-                self._offline = int(f"{OFFLINE_PREFIX}{int(time.time()) % 10**6:06d}"
-                                    f"{os.getpid() % 100:02d}")
+                x = (int(time.time()) % 10_000) * 100 + os.getpid() % 100
+                self._offline = OFFLINE_BASE // BLOCK_SIZE + x
                 self._block, self._next = -1, 0
                 log.warning("store: no number block leased (database not reached): "
                             "numbering from %d000", self._offline)
@@ -711,8 +714,7 @@ class Store:
                     cur.execute(f"ROLLBACK TO SAVEPOINT {sp}")
                     cur.execute(f"RELEASE SAVEPOINT {sp}")
                     bad.append(i)
-                    log.error("store: record rejected by the database, skipped: %s: %s",
-                              json.dumps(op, ensure_ascii=False)[:300], exc)
+                    self._keep_rejected(op, exc)
             if self.dsn:
                 conn.commit()
             else:
@@ -727,6 +729,16 @@ class Store:
         finally:
             with suppress(Exception):
                 cur.close()
+
+    def _keep_rejected(self, op: dict[str, Any], exc: Exception) -> None:
+        """A record the database refuses (bad data, not an outage) is set aside in
+        ``<spool>/rejected.txt`` with the reason, for a person, so it cannot block the
+        others and is not lost."""
+        text = json.dumps(op, ensure_ascii=False)
+        log.error("store: record rejected by the database (%s), set aside: %s", exc, text[:300])
+        if self.spool is not None:
+            with suppress(OSError), (self.spool / "rejected.txt").open("a") as f:
+                f.write(f"{now()}\t{str(exc).strip()}\t{text}\n")
 
     def _replay_dead(self, conn_ops: Callable[[Sequence[dict[str, Any]]], None]) -> int:
         """Replay the journals of dead processes in this spool through ``conn_ops``; each
@@ -852,6 +864,11 @@ class Store:
         """Writes not yet in the database."""
         with self._cv:
             return len(self._queue) + self._inflight
+
+    @property
+    def journalled(self) -> bool:
+        """False while writes wait in memory only (the journal's disk is full)."""
+        return self._journal_ok
 
     def replay_dead_spools(self, timeout: float = 30.0) -> int:
         """Journals of dead processes replayed so far (waits for the writer's first pass,
