@@ -102,13 +102,13 @@ def run_recovery(cfg: Config, store: Store, worker: int | None) -> None:
     ``worker`` None: every worker of this host (the supervisor, once at start). Recovery
     is repair work: an import or runtime failure is logged and never stops serving."""
     try:
-        from . import recovery  # type: ignore[attr-defined]
+        from . import recovery
     except Exception:
         log.exception("start-up recovery unavailable (voicebot.recovery does not import); "
                       "serving without it: calls a crash left open stay open")
         return
     try:
-        recovery.recover(cfg, store, worker=worker, host=socket.gethostname())
+        recovery.recover(cfg, store, worker=worker, host=store.host)
     except Exception:
         log.exception("start-up recovery failed for %s; serving anyway",
                       "every worker" if worker is None else f"worker {worker}")
