@@ -21,15 +21,26 @@ by the shell (LookupApplication -> ApplicationFound); a message is recorded by t
 shell between StartRecording and StopRecording (-> RecordingSaved with its
 ticket); an operator request outside hours, or a caller who hangs up while
 waiting for the transfer, yields RequestCallback.
+
+The engine is total, as VoiceXML's form interpretation algorithm catches every event
+in every state: its modes are the ``Mode`` enumeration, and ``_DISPATCH`` names a
+handler for every (mode, event) pair (checked when the module loads). Every I/O the
+engine asks for has a failure event (LookupFailed, TicketFailed, RecordingFailed,
+CallbackFailed, StoreFailed), and ``Fault`` covers errors in the shell and its silence
+watchdog. Every failure the caller can notice has a spoken path: a short apology, then
+the operator in working hours or a menu; a second Fault says goodbye and hangs up.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, get_args
 
 from .hours import WorkingHours
-from .menus import Grammars, Node, Option
+from .menus import APPLICATION_STATES, Grammars, Node, Option
 from .spoken import say_hours
 
 # --- events (in) -------------------------------------------------------------------------
@@ -145,9 +156,67 @@ class RecordingSaved:
     reason: str
 
 
+# Failures of the I/O the engine asks for. The shell answers every request with its
+# success event or one of these; none may leave the caller in silence.
+
+
+@dataclass(frozen=True)
+class LookupFailed:
+    """The answer to LookupApplication when the store could not be read."""
+
+    t_ms: float
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class TicketFailed:
+    """StartRecording could not open its ticket or its message file: nothing is recorded."""
+
+    t_ms: float
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class RecordingFailed:
+    """The message recording broke off with nothing usable (no RecordingSaved follows)."""
+
+    t_ms: float
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class CallbackFailed:
+    """RequestCallback could not be stored."""
+
+    t_ms: float
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class StoreFailed:
+    """A record write (call, turn, ticket) failed. The shell spools records, so the caller
+    loses nothing and hears nothing of it: every mode ignores it."""
+
+    t_ms: float
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Fault:
+    """An internal error in the shell, or its silence watchdog fired (the caller has heard
+    nothing and the bot is not listening with a timer). The engine apologises and moves
+    on; a second Fault in a call says goodbye and hangs up; in closing it hangs up."""
+
+    t_ms: float
+    reason: str = ""
+
+
 Event = (CallStarted | DtmfReceived | SpeechStarted | SpeechRecognized | PromptFinished
          | InputTimeout | CallerHungUp | TransferFailed | EndCall | ApplicationFound
-         | RecordingSaved)
+         | RecordingSaved | LookupFailed | TicketFailed | RecordingFailed | CallbackFailed
+         | StoreFailed | Fault)
+EVENT_TYPES: tuple[type, ...] = get_args(Event)
+
 
 # --- actions (out) -----------------------------------------------------------------------
 
@@ -239,7 +308,7 @@ class StartRecording:
 @dataclass(frozen=True)
 class StopRecording:
     """End the message recording, keep what was recorded, post RecordingSaved (not after a
-    hang-up). reason: key, silence, hangup."""
+    hang-up). reason: key, silence, hangup, call_ending (EndCall), fault."""
 
     reason: str
 
@@ -288,10 +357,39 @@ class LogTurn:
 Action = (Play | StopPlayback | Listen | StopListening | Transfer | HangUp | LogTurn
           | LookupApplication | StartRecording | StopRecording | RequestCallback)
 
+
 BEEP = "beep"  # prompt key of the tone before a message; the shell plays a tone, not TTS
 MAX_NUMBER_DIGITS = 20
-DUTY_MODES = ("digits", "status_confirm", "lookup", "offer", "record_intro", "recording",
-              "saving")
+MAX_FAULTS = 2  # the first Fault is apologised for and the call goes on; the second ends it
+
+
+class Mode(enum.StrEnum):
+    """What the engine is doing. A StrEnum: the shell compares ``engine.mode`` to strings."""
+
+    IDLE = "idle"  # before CallStarted
+    MENU = "menu"  # a menu node, listening for its options
+    CONFIRM = "confirm"  # "did you say ...?" after speech between the thresholds
+    DIGITS = "digits"  # an application number is being entered
+    STATUS_CONFIRM = "status_confirm"  # the number read back, yes/no
+    LOOKUP = "lookup"  # waiting on the shell: LookupApplication -> ApplicationFound
+    OFFER = "offer"  # a callback offered, yes/no
+    RECORD_INTRO = "record_intro"  # the instructions and the beep before a message
+    RECORDING = "recording"  # the caller's message is being recorded
+    SAVING = "saving"  # waiting on the shell: StopRecording -> RecordingSaved
+    TRANSFER = "transfer"  # "please hold", then waiting on the shell for the REFER result
+    CLOSING = "closing"  # the last prompt (goodbye) plays, then HangUp
+    ENDED = "ended"  # hung up: nothing more happens
+
+
+DUTY_MODES = (Mode.DIGITS, Mode.STATUS_CONFIRM, Mode.LOOKUP, Mode.OFFER, Mode.RECORD_INTRO,
+              Mode.RECORDING, Mode.SAVING)
+# Modes where the caller's input is taken (a Listen with its timer is in force).
+LISTENING_MODES = frozenset({Mode.MENU, Mode.CONFIRM, Mode.DIGITS, Mode.STATUS_CONFIRM,
+                             Mode.OFFER, Mode.RECORDING})
+# Modes that wait, without a timer of their own, for the shell: its answer to a request,
+# the end of the last prompt, or CallStarted. The shell's watchdog posts Fault when it
+# never comes (the caller hears nothing meanwhile).
+SHELL_MODES = frozenset({Mode.IDLE, Mode.LOOKUP, Mode.SAVING, Mode.CLOSING})
 
 
 @dataclass(frozen=True)
@@ -331,7 +429,7 @@ class _NumberEntry:
 class _State:
     language: str | None = None
     node: str = ""
-    mode: str = "idle"  # idle, menu, confirm, transfer, closing, ended
+    mode: Mode = Mode.IDLE
     pending: Option | None = None
     retries: int = 0
     escalations: int = 0
@@ -342,7 +440,8 @@ class _State:
     confirmed: str | None = None  # the option the last "yes" confirmed
     served: bool = False  # the caller got information (a play option) at least once
     barged: bool = False  # speech stopped a prompt; its result is a barge-in turn
-    transferred: bool = False
+    transferred: bool = False  # the Transfer (REFER) was sent
+    transfer_failures: int = 0
     started: dt.datetime | None = None
     entry: _NumberEntry = field(default_factory=_NumberEntry)
     number: str = ""  # number read back / looked up
@@ -350,6 +449,10 @@ class _State:
     callback_reason: str = ""
     record_option: Option | None = None
     callback_requested: bool = False
+    served_before_callback: bool = False  # restored when the booked callback is not stored
+    faults: int = 0
+    ending: bool = False  # EndCall came: only the goodbye and the hang-up are left
+    hangup_reason: str = "goodbye"  # HangUp reason once the closing prompt ends
 
 
 class DialogEngine:
@@ -372,7 +475,7 @@ class DialogEngine:
         return self.st.node
 
     @property
-    def mode(self) -> str:
+    def mode(self) -> Mode:
         return self.st.mode
 
     @property
@@ -381,9 +484,17 @@ class DialogEngine:
 
     @property
     def accepting_input(self) -> bool:
-        """The caller's input is taken now (menus, confirmations, numbers, messages)."""
-        return self.st.mode in ("menu", "confirm", "digits", "status_confirm", "offer",
-                                "recording")
+        """The caller's input is taken now (menus, confirmations, numbers, messages): a
+        Listen with its no-input timer is in force once the prompts end."""
+        return self.st.mode in LISTENING_MODES
+
+    @property
+    def waiting_on_shell(self) -> bool:
+        """The engine waits, with no timer of its own, for the shell: a lookup, the end of a
+        message, the REFER result, the end of the goodbye (or CallStarted). If the caller
+        hears nothing meanwhile for too long, the shell's watchdog should post Fault."""
+        mode = self.st.mode
+        return mode in SHELL_MODES or (mode is Mode.TRANSFER and self.st.transferred)
 
     @property
     def outcome(self) -> str:
@@ -396,31 +507,11 @@ class DialogEngine:
     # -- event dispatch --
 
     def handle(self, event: Event) -> list[Action]:
-        if self.st.mode == "ended":
-            return []
-        match event:
-            case CallStarted():
-                return self._on_start(event)
-            case CallerHungUp():
-                return self._on_hang_up()
-            case PromptFinished():
-                return self._on_prompt_finished(event)
-            case SpeechStarted():
-                return self._on_speech_started()
-            case DtmfReceived():
-                return self._on_dtmf(event)
-            case SpeechRecognized():
-                return self._on_speech(event)
-            case InputTimeout():
-                return self._on_timeout(event)
-            case TransferFailed():
-                return self._on_transfer_failed(event)
-            case EndCall():
-                return self._on_end_call()
-            case ApplicationFound():
-                return self._on_application(event)
-            case RecordingSaved():
-                return self._on_recording_saved(event)
+        """The actions for one event. Every (mode, event) pair has its handler in
+        ``_DISPATCH``; an event a mode does not concern is ignored there explicitly."""
+        return _DISPATCH[self.st.mode][type(event)](self, event)
+
+    def _ignore(self, ev: Event) -> list[Action]:
         return []
 
     # -- helpers building prompts --
@@ -429,11 +520,22 @@ class DialogEngine:
         assert self.st.started is not None
         return self.st.started + dt.timedelta(milliseconds=t_ms)
 
+    def _open(self, t_ms: float) -> bool:
+        return self.st.started is not None and self.s.hours.is_open(self._now(t_ms))
+
     def _prompt(self, key: str, language: str | None = None, **params: str) -> Prompt:
         lang = language or self.st.language or self.s.default_language
         pack = self.g.pack(lang)
         text = say_hours(pack, self.s.hours) if key == "hours" else pack.text(key, **params)
         return Prompt(lang, key, text, pack.voice)
+
+    def _prompts(self, key: str) -> tuple[Prompt, ...]:
+        """``key`` in the caller's language, or, before a language is chosen, in every
+        offered language (as the language menu is said)."""
+        if self.st.language is not None:
+            return (self._prompt(key),)
+        langs = [lang for lang in self.s.offered if lang in self.g.packs]
+        return tuple(self._prompt(key, lang) for lang in langs or [self.s.default_language])
 
     def _offered_here(self, node: Node) -> tuple[Option, ...]:
         """A node's choices, without languages that are not offered on this line."""
@@ -479,9 +581,17 @@ class DialogEngine:
     def _go_menu(self, node_id: str, lead: tuple[Prompt, ...] = ()) -> list[Action]:
         """Enter a menu node: say ``lead`` prompts, then the node's menu, and listen."""
         self.st.node = node_id
-        self.st.mode = "menu"
+        self.st.mode = Mode.MENU
         self.st.pending = None
         return [self._play((*lead, *self._menu_prompts(node_id))), self._listen(node_id)]
+
+    def _menu_node(self) -> str:
+        """The menu to return to: the current node if it is a menu node (the status,
+        callback and message duties are not), else home, or the language menu before a
+        language was chosen."""
+        if self.st.node in self.menu.nodes:
+            return self.st.node
+        return self.menu.home if self.st.language is not None else self.menu.start
 
     def _turn(self, t_ms: float, input_: str, heard: str, confidence: float | None,
               option: str | None, result: str, actions: list[Action], barge_in: bool,
@@ -493,62 +603,172 @@ class DialogEngine:
             prompt=first.key if first else None, prompt_text=first.text if first else None,
             barge_in=barge_in, input_end_ms=input_end_ms))
 
-    # -- handlers --
+    # -- the call's start and end --
 
     def _on_start(self, ev: CallStarted) -> list[Action]:
         self.st.started = ev.at
-        welcome_lang = ev.language or self.s.default_language
+        # A language without a pack (a misconfigured line) starts at the language menu
+        # rather than leave the caller in silence.
+        language = ev.language if ev.language in self.g.packs else None
+        welcome_lang = language or self.s.default_language
         welcome = self._play((self._prompt("welcome", welcome_lang),), barge_in=False,
                              remember=False)
-        if ev.language:
-            if ev.language not in self.g.packs:
-                raise ValueError(f"no language pack {ev.language!r}")
-            self.st.language = ev.language
+        if language:
+            self.st.language = language
             return [welcome, *self._go_menu(self.menu.home)]
         return [welcome, *self._go_menu(self.menu.start)]
+
+    def _on_hang_up(self, ev: CallerHungUp) -> list[Action]:
+        mode = self.st.mode
+        self.st.mode = Mode.ENDED
+        self.st.playing.clear()
+        out: list[Action] = [StopListening()]
+        if mode is Mode.RECORDING:
+            out.append(StopRecording("hangup"))  # what the caller said so far is kept
+        if mode is Mode.TRANSFER and not self.st.transferred:
+            # The caller gave up while waiting for an operator: call them back.
+            self.st.callback_requested = True
+            out.append(RequestCallback("hung_up_waiting", self._lang()))
+        return out
+
+    def _leave(self, reason: str) -> list[Action]:
+        """Stop whatever the current mode has going (prompts, listening, a message being
+        recorded) before the engine takes another path."""
+        out = self._stop(reason)
+        self.st.typeahead.clear()
+        self.st.pending = None
+        self.st.barged = False
+        out.append(StopListening())
+        if self.st.mode is Mode.RECORDING:
+            out.append(StopRecording(reason))  # the shell keeps what was recorded
+        return out
+
+    def _close(self, prompts: tuple[Prompt, ...], reason: str) -> list[Action]:
+        """Say ``prompts`` (not interruptible), then hang up with ``reason``."""
+        self.st.mode = Mode.CLOSING
+        self.st.hangup_reason = reason
+        return [self._play(prompts, barge_in=False, remember=False)]
+
+    def _on_end_call(self, ev: EndCall) -> list[Action]:
+        """Shutdown or the maximum call length, in any live mode: goodbye, then HangUp. In
+        transfer after the REFER went out the engine does not wait for its result."""
+        out = self._leave("call_ending")
+        self.st.ending = True
+        return [*out, *self._close((self._prompt("call_ending"),), ev.reason or "call_ending")]
+
+    def _end_call_closing(self, ev: EndCall) -> list[Action]:
+        """A goodbye is already playing: the hang-up follows it."""
+        self.st.ending = True
+        if self.st.playing:
+            return []
+        self.st.mode = Mode.ENDED
+        return [HangUp(ev.reason or "call_ending")]
+
+    def _closing_prompt_finished(self, ev: PromptFinished) -> list[Action]:
+        self.st.playing.pop(ev.play_id, None)
+        if self.st.playing:
+            return []
+        self.st.mode = Mode.ENDED
+        return [HangUp(self.st.hangup_reason)]
+
+    # -- failures: apologise, then the operator or a menu --
+
+    def _recover(self, lead: tuple[Prompt, ...], t_ms: float,
+                 operator: bool = True) -> list[Action]:
+        """After a failure: ``lead`` (the apology), then in working hours the operator, else
+        (or when the operator is what failed) the menu to return to."""
+        if operator and self._open(t_ms):
+            if self.st.language is None:
+                self.st.language = self.s.default_language
+            return self._to_operator(lead)
+        return self._go_menu(self._menu_node(), lead)
+
+    def _on_fault(self, ev: Fault) -> list[Action]:
+        """An error in the shell or dead air: apologise and move on; the second one ends
+        the call (an engine that keeps faulting must not keep the caller on the line)."""
+        self.st.faults += 1
+        # After the REFER went out, the transfer is what is stuck: do not try it again.
+        operator = not (self.st.mode is Mode.TRANSFER and self.st.transferred)
+        out = self._leave("fault")
+        apology = self._prompts("apology")
+        if self.st.faults >= MAX_FAULTS or self.st.mode is Mode.IDLE:
+            return [*out, *self._close((*apology, *self._prompts("goodbye")), "fault")]
+        return [*out, *self._recover(apology, ev.t_ms, operator)]
+
+    def _fault_closing(self, ev: Fault) -> list[Action]:
+        """A fault while the goodbye plays (or should): hang up now, nothing is left to say."""
+        self.st.faults += 1
+        self.st.mode = Mode.ENDED
+        return [*self._stop("fault"), HangUp("fault")]
+
+    def _on_transfer_failed(self, ev: TransferFailed) -> list[Action]:
+        self.st.transferred = False
+        self.st.transfer_failures += 1
+        stop = self._stop("transfer failed")
+        return [*stop, *self._go_menu(self._menu_node(), (self._prompt("transfer_failed"),))]
+
+    def _lookup_failed(self, ev: LookupFailed) -> list[Action]:
+        """The store could not be read: the operator in hours, else a callback offer."""
+        lead = (self._prompt("lookup_failed"),)
+        self.st.status_failures = 0
+        if self._open(ev.t_ms):
+            return self._recover(lead, ev.t_ms)
+        return self._offer_callback((*lead, self._prompt("operator_closed")), "status_failed")
+
+    def _record_failed(self, ev: TicketFailed | RecordingFailed) -> list[Action]:
+        """No ticket, no file, or the recording broke off: the message is not kept."""
+        self.st.record_option = None
+        out = self._leave("record failed")
+        return [*out, *self._recover((self._prompt("record_failed"),), ev.t_ms)]
+
+    def _closing_callback_failed(self, ev: CallbackFailed) -> list[Action]:
+        """The callback just promised was not stored: take the promise back (unless the
+        call is ending anyway) and let the caller go on."""
+        if self.st.ending or not self.st.callback_requested:
+            return []
+        self.st.callback_requested = False
+        self.st.served = self.st.served_before_callback
+        out = self._stop("callback failed")
+        return [*out, *self._recover((self._prompt("callback_failed"),), ev.t_ms)]
+
+    # -- menus --
 
     def _on_prompt_finished(self, ev: PromptFinished) -> list[Action]:
         barge_in = self.st.playing.pop(ev.play_id, None)
         actions: list[Action] = []
-        if self.st.mode == "record_intro" and not self.st.playing:
-            return self._start_recording()
-        if self.st.mode == "transfer" and not self.st.playing:
-            lang = self.st.language or self.s.default_language
-            self.st.transferred = True
-            actions.append(Transfer(self.s.operator_uri, lang))
-        elif self.st.mode == "closing" and not self.st.playing:
-            self.st.mode = "ended"
-            actions.append(HangUp("goodbye"))
-        elif barge_in is False and self.st.typeahead:
-            # Keys pressed during the recording notice act now, in order.
+        if barge_in is False and self.st.typeahead:
+            # Keys pressed during the recording notice act now, in order, each in the mode
+            # the previous one left.
             pending, self.st.typeahead = self.st.typeahead, []
             for d in pending:
-                actions.extend(self._on_dtmf(d))
+                actions.extend(self.handle(d))
         return actions
 
-    def _on_speech_started(self) -> list[Action]:
-        if self.st.mode in ("digits", "status_confirm", "offer"):
-            if self.st.playing and all(self.st.playing.values()):
-                self.st.barged = True
-                return self._stop("barge-in: speech")
+    def _intro_finished(self, ev: PromptFinished) -> list[Action]:
+        self.st.playing.pop(ev.play_id, None)
+        if self.st.playing:
             return []
-        if self.st.mode not in ("menu", "confirm"):
+        return self._start_recording()
+
+    def _transfer_prompt_finished(self, ev: PromptFinished) -> list[Action]:
+        self.st.playing.pop(ev.play_id, None)
+        if self.st.playing or self.st.transferred:
             return []
+        self.st.transferred = True
+        return [Transfer(self.s.operator_uri, self._lang())]
+
+    def _menu_speech_started(self, ev: SpeechStarted) -> list[Action]:
         if self.st.playing and all(self.st.playing.values()):
             self.st.barged = True
             return self._stop("barge-in: speech")
         return []
 
     def _current_choices(self) -> tuple[Option, ...]:
-        if self.st.mode == "confirm":
+        if self.st.mode is Mode.CONFIRM:
             return self.menu.confirm_choices()
         return self._offered_here(self.menu.node(self.st.node))
 
-    def _on_dtmf(self, ev: DtmfReceived) -> list[Action]:
-        if self.st.mode in DUTY_MODES:
-            return self._duty_dtmf(ev)
-        if self.st.mode not in ("menu", "confirm"):
-            return []
+    def _menu_dtmf(self, ev: DtmfReceived) -> list[Action]:
         if self.st.playing and not all(self.st.playing.values()):
             self.st.typeahead.append(ev)
             return []
@@ -556,7 +776,7 @@ class DialogEngine:
         lang = self.st.language
         actions = self._stop("barge-in: key")
         option = next((o for o in self._current_choices() if o.key == ev.digit), None)
-        node = "confirm" if self.st.mode == "confirm" else self.st.node
+        node = "confirm" if self.st.mode is Mode.CONFIRM else self.st.node
         if option is None:
             out = self._failure("no_match", ev.t_ms)
             return [*actions, self._turn(ev.t_ms, "dtmf", ev.digit, 1.0, None, "no_match", out,
@@ -575,11 +795,7 @@ class DialogEngine:
             return None
         return option.id
 
-    def _on_speech(self, ev: SpeechRecognized) -> list[Action]:
-        if self.st.mode in DUTY_MODES:
-            return self._duty_speech(ev)
-        if self.st.mode not in ("menu", "confirm"):
-            return []
+    def _menu_speech(self, ev: SpeechRecognized) -> list[Action]:
         if self.st.playing and not all(self.st.playing.values()):
             # Talking over the recording notice is not an answer (keys typed ahead are):
             # the notice plays on and the keys pressed during it still count.
@@ -588,20 +804,20 @@ class DialogEngine:
         barge = bool(self.st.playing) or self.st.barged
         self.st.barged = False
         actions = self._stop("barge-in: speech")
-        node = "confirm" if self.st.mode == "confirm" else self.st.node
+        node = "confirm" if self.st.mode is Mode.CONFIRM else self.st.node
         choices = {o.id: o for o in self._current_choices()}
         option = choices.get(ev.option) if ev.option else None
         # While confirming, anything above the lower threshold counts: a confirmation
         # of a confirmation would only annoy the caller.
-        accept = self.s.confirm if self.st.mode == "confirm" else self.s.accept
+        accept = self.s.confirm if self.st.mode is Mode.CONFIRM else self.s.accept
         if option is not None and ev.score >= accept:
             out = self._choose(option, ev.t_ms)
             result = "rejected" if option.id == self.menu.no.id else "accepted"
             turn = self._turn(ev.t_ms, "speech", ev.text, ev.score, self._chosen_id(option),
                               result, out, barge, ev.input_end_ms, node, ev.language)
             return [*actions, turn, *out]
-        if option is not None and ev.score >= self.s.confirm:
-            self.st.mode = "confirm"
+        if option is not None and ev.score >= self.s.confirm and ev.language in self.g.packs:
+            self.st.mode = Mode.CONFIRM
             self.st.pending = option
             label = self.g.pack(ev.language).words(option.id).label
             out: list[Action] = [
@@ -617,30 +833,14 @@ class DialogEngine:
                           ev.input_end_ms, node, ev.language)
         return [*actions, turn, *out]
 
-    def _on_timeout(self, ev: InputTimeout) -> list[Action]:
-        if self.st.mode in DUTY_MODES:
-            return self._duty_timeout(ev)
-        if self.st.mode not in ("menu", "confirm") or self.st.playing:
+    def _menu_timeout(self, ev: InputTimeout) -> list[Action]:
+        if self.st.playing:
             return []
-        node = "confirm" if self.st.mode == "confirm" else self.st.node
+        node = "confirm" if self.st.mode is Mode.CONFIRM else self.st.node
         lang = self.st.language
         out = self._failure("no_input", ev.t_ms)
         return [self._turn(ev.t_ms, "none", "", None, None, "no_input", out, False, None, node,
                            lang), *out]
-
-    def _on_end_call(self) -> list[Action]:
-        if self.st.mode in ("closing", "transfer"):
-            return []
-        stop = self._stop("call ending")
-        self.st.mode = "closing"
-        return [*stop, StopListening(),
-                self._play((self._prompt("call_ending"),), barge_in=False, remember=False)]
-
-    def _on_transfer_failed(self, ev: TransferFailed) -> list[Action]:
-        if self.st.mode != "transfer":
-            return []
-        self.st.transferred = False
-        return self._go_menu(self.st.node, (self._prompt("transfer_failed"),))
 
     # -- choosing --
 
@@ -649,14 +849,14 @@ class DialogEngine:
         self.st.retries = 0
         if option.id == self.menu.yes.id:
             pending = self.st.pending
-            self.st.mode = "menu"
+            self.st.mode = Mode.MENU
             self.st.pending = None
             if pending is None:
                 return self._go_menu(self.st.node)
             self.st.confirmed = pending.id
             return self._choose(pending, t_ms)
         if option.id == self.menu.no.id:
-            self.st.mode = "menu"
+            self.st.mode = Mode.MENU
             self.st.pending = None
             return self._failure("no_match", t_ms)
         if option.id == self.menu.repeat.id:
@@ -682,20 +882,24 @@ class DialogEngine:
             return self._record_intro(option)
         raise ValueError(f"option {option.id} has an unknown kind {option.kind}")
 
+    def _to_operator(self, lead: tuple[Prompt, ...]) -> list[Action]:
+        self.st.mode = Mode.TRANSFER
+        self.st.transferred = False
+        return [self._play((*lead, self._prompt("operator_transfer")), barge_in=False),
+                StopListening()]
+
     def _operator(self, t_ms: float) -> list[Action]:
         if self.st.language is None:
             self.st.language = self.s.default_language
-        if self.s.hours.is_open(self._now(t_ms)):
-            self.st.mode = "transfer"
-            return [self._play((self._prompt("operator_transfer"),), barge_in=False),
-                    StopListening()]
+        if self._open(t_ms):
+            return self._to_operator(())
         lead = (self._prompt("operator_closed"), self._prompt("hours"))
         return self._offer_callback(lead, "after_hours")
 
     def _failure(self, kind: str, t_ms: float) -> list[Action]:
         """No input or no match: re-prompt, or escalate after max_retries."""
         node = self.st.node
-        self.st.mode = "menu"
+        self.st.mode = Mode.MENU
         self.st.pending = None
         self.st.retries += 1
         if self.st.retries <= self.s.max_retries:
@@ -708,15 +912,14 @@ class DialogEngine:
 
     def _escalate(self, kind: str, t_ms: float) -> list[Action]:
         lead = (self._prompt(kind),)
-        if self.s.hours.is_open(self._now(t_ms)):
-            self.st.mode = "transfer"
-            return [self._play((*lead, self._prompt("operator_transfer")), barge_in=False),
-                    StopListening()]
+        # A second escalation after the operators could not take the call says goodbye, as
+        # outside hours: a silent line must not cycle between menu and transfer for ever.
+        open_ = self._open(t_ms) and not (self.st.escalations > 1 and self.st.transfer_failures)
+        if open_:
+            return self._to_operator(lead)
         if self.st.escalations > 1:
-            self.st.mode = "closing"
             self.st.served = True  # the bot ends the call itself, politely
-            return [self._play((*lead, self._prompt("goodbye")), barge_in=False),
-                    StopListening()]
+            return [*self._close((*lead, self._prompt("goodbye")), "goodbye"), StopListening()]
         return self._go_menu(self.menu.fallback, (*lead, self._prompt("escalate_info")))
 
     # -- call-centre duties: application status, messages, callbacks --
@@ -739,7 +942,7 @@ class DialogEngine:
 
     def _ask_number(self, lead: tuple[Prompt, ...] = ()) -> list[Action]:
         self.st.node = "status"
-        self.st.mode = "digits"
+        self.st.mode = Mode.DIGITS
         self.st.entry = _NumberEntry()
         self.st.pending = None
         return [self._play((*lead, self._prompt("status_ask"))),
@@ -754,10 +957,8 @@ class DialogEngine:
         if self.st.status_failures < self.s.status_attempts:
             return self._ask_number(lead)
         self.st.status_failures = 0
-        if self.s.hours.is_open(self._now(t_ms)):
-            self.st.mode = "transfer"
-            return [self._play((*lead, self._prompt("operator_transfer")), barge_in=False),
-                    StopListening()]
+        if self._open(t_ms):
+            return self._to_operator(lead)
         return self._offer_callback((*lead, self._prompt("operator_closed")), "status_failed")
 
     def _number_done(self, t_ms: float, key: str = "", barge: bool = False) -> list[Action]:
@@ -777,19 +978,19 @@ class DialogEngine:
             return self._status_failure("no_match", t_ms)
         self.st.number = self.st.entry.digits
         self.st.entry = _NumberEntry()
-        self.st.mode = "status_confirm"
+        self.st.mode = Mode.STATUS_CONFIRM
         return [self._play((self._prompt("status_readback", number=self.spell(self.st.number)),)),
                 self._yes_no_listen()]
 
     def _offer_callback(self, lead: tuple[Prompt, ...], reason: str) -> list[Action]:
-        self.st.mode = "offer"
+        self.st.mode = Mode.OFFER
         self.st.node = "callback"
         self.st.callback_reason = reason
         self.st.retries = 0
         return [self._play((*lead, self._prompt("callback_offer"))), self._yes_no_listen()]
 
     def _record_intro(self, option: Option) -> list[Action]:
-        self.st.mode = "record_intro"
+        self.st.mode = Mode.RECORD_INTRO
         self.st.node = "record"
         self.st.record_option = option
         # The instructions and the beep are not interruptible: the message starts after it.
@@ -800,7 +1001,7 @@ class DialogEngine:
     def _start_recording(self) -> list[Action]:
         option = self.st.record_option
         assert option is not None
-        self.st.mode = "recording"
+        self.st.mode = Mode.RECORDING
         return [StartRecording(option.target, option.id, self._lang(), self.s.record_max_ms),
                 Listen("record", (), (), self.s.record_silence_ms, "none")]
 
@@ -814,19 +1015,30 @@ class DialogEngine:
             return False
         return None
 
+    def _recording_key(self, ev: DtmfReceived) -> list[Action]:
+        # Any key ends the message (# is what the prompt says); the tone is cut off.
+        self.st.mode = Mode.SAVING
+        return [StopRecording("key"), StopListening()]
+
+    def _recording_silence(self, ev: InputTimeout) -> list[Action]:
+        if self.st.playing:
+            return []
+        self.st.mode = Mode.SAVING
+        return [StopRecording("silence"), StopListening()]
+
+    def _duty_speech_started(self, ev: SpeechStarted) -> list[Action]:
+        if self.st.playing and all(self.st.playing.values()):
+            self.st.barged = True
+            return self._stop("barge-in: speech")
+        return []
+
     def _duty_dtmf(self, ev: DtmfReceived) -> list[Action]:
         mode = self.st.mode
-        if mode == "recording":
-            # Any key ends the message (# is what the prompt says); the tone is cut off.
-            self.st.mode = "saving"
-            return [StopRecording("key"), StopListening()]
-        if mode not in ("digits", "status_confirm", "offer"):
-            return []
         if self.st.playing and not all(self.st.playing.values()):
             return []
         barge = bool(self.st.playing)
         stop = self._stop("barge-in: key")
-        if mode == "digits":
+        if mode is Mode.DIGITS:
             if ev.digit == self.menu.back.key:
                 out = self._go_menu(self.menu.home)
                 return [*stop, self._turn(ev.t_ms, "dtmf", ev.digit, 1.0, self.menu.back.id,
@@ -844,16 +1056,15 @@ class DialogEngine:
 
     def _duty_speech(self, ev: SpeechRecognized) -> list[Action]:
         mode = self.st.mode
-        if mode not in ("digits", "status_confirm", "offer"):
-            return []
         if self.st.playing and not all(self.st.playing.values()):
             self.st.barged = False
             return []
         barge = bool(self.st.playing) or self.st.barged
         self.st.barged = False
         stop = self._stop("barge-in: speech")
-        if mode == "digits":
-            said = self.g.pack(ev.language).parse_digits(ev.text)
+        if mode is Mode.DIGITS:
+            pack = self.g.packs.get(ev.language) or self.g.pack(self._lang())
+            said = pack.parse_digits(ev.text)
             if said:
                 # More groups may follow: the number ends after digit_pause_ms of silence
                 # (InputTimeout) or on #, and is one turn then.
@@ -879,29 +1090,29 @@ class DialogEngine:
                 language: str | None) -> list[Action]:
         """Yes, no or neither to a read-back number or to a callback offer."""
         mode = self.st.mode
-        node = "confirm" if mode == "status_confirm" else "callback"
+        node = "confirm" if mode is Mode.STATUS_CONFIRM else "callback"
         option = None  # yes/no here answer a question, they choose no menu option
         result = "no_match" if answer is None else ("accepted" if answer else "rejected")
-        if mode == "status_confirm":
+        if mode is Mode.STATUS_CONFIRM:
             if answer:
-                self.st.mode = "lookup"
+                self.st.mode = Mode.LOOKUP
                 out: list[Action] = [StopListening(),
                                      LookupApplication(self.st.number, self._lang())]
             else:
                 out = self._status_failure("no_match", t_ms)
         elif answer:
+            self.st.served_before_callback = self.st.served
             self.st.served = True
             self.st.callback_requested = True
-            self.st.mode = "closing"
             out = [RequestCallback(self.st.callback_reason, self._lang()), StopListening(),
-                   self._play((self._prompt("callback_booked"), self._prompt("goodbye")),
-                              barge_in=False)]
+                   *self._close((self._prompt("callback_booked"), self._prompt("goodbye")),
+                                "goodbye")]
         elif answer is False:
             out = self._go_menu(self.menu.fallback)
         else:
             self.st.retries += 1
             if self.st.retries <= self.s.max_retries:
-                self.st.mode = "offer"
+                self.st.mode = Mode.OFFER
                 out = [self._play((self._prompt("no_match"), self._prompt("callback_offer"))),
                        self._yes_no_listen()]
             else:
@@ -913,20 +1124,17 @@ class DialogEngine:
         mode = self.st.mode
         if self.st.playing:
             return []
-        if mode == "recording":
-            self.st.mode = "saving"
-            return [StopRecording("silence"), StopListening()]
-        if mode == "digits" and self.st.entry.digits:
+        if mode is Mode.DIGITS and self.st.entry.digits:
             # The caller paused after spoken digits, or keyed a number but forgot #: the
             # number is complete.
             return self._number_done(ev.t_ms)
-        if mode == "digits":
+        if mode is Mode.DIGITS:
             out = self._status_failure("no_input", ev.t_ms)
             node = "status"
-        elif mode == "status_confirm":
+        elif mode is Mode.STATUS_CONFIRM:
             out = self._status_failure("no_input", ev.t_ms)
             node = "confirm"
-        elif mode == "offer":
+        else:  # offer
             self.st.retries += 1
             node = "callback"
             if self.st.retries <= self.s.max_retries:
@@ -934,18 +1142,17 @@ class DialogEngine:
                        self._yes_no_listen()]
             else:
                 out = self._go_menu(self.menu.fallback, (self._prompt("no_input"),))
-        else:
-            return []
         return [self._turn(ev.t_ms, "none", "", None, None, "no_input", out, False, None, node,
                            self.st.language), *out]
 
     def _on_application(self, ev: ApplicationFound) -> list[Action]:
-        if self.st.mode != "lookup":
-            return []
         number = self.spell(ev.number)
         if ev.status is None:
             return self._status_failure("status_unknown", ev.t_ms,
                                         (self._prompt("status_unknown", number=number),))
+        if ev.status not in APPLICATION_STATES:
+            # The store answered with a state no pack can say: as good as no answer.
+            return self._lookup_failed(LookupFailed(ev.t_ms, f"unknown status {ev.status!r}"))
         from .spoken import say_date
 
         self.st.served = True
@@ -956,13 +1163,12 @@ class DialogEngine:
         return self._go_menu(self.menu.home, (said,))
 
     def _on_recording_saved(self, ev: RecordingSaved) -> list[Action]:
-        if self.st.mode not in ("recording", "saving"):
-            return []
         option = self.st.record_option
         self.st.record_option = None
         heard = f"{ev.duration_ms / 1000:.1f} s message"
         if ev.speech_ms <= 0:
-            out = self._go_menu("report", (self._prompt("record_empty"),))
+            out = self._go_menu("report" if "report" in self.menu.nodes else self.menu.home,
+                                (self._prompt("record_empty"),))
             return [self._turn(ev.t_ms, "none", heard, None, None, "no_input", out, False,
                                None, "record", self.st.language), *out]
         self.st.served = True
@@ -971,15 +1177,102 @@ class DialogEngine:
         return [self._turn(ev.t_ms, "speech", heard, None, option.id if option else None,
                            "recorded", out, False, None, "record", self.st.language), *out]
 
-    def _on_hang_up(self) -> list[Action]:
-        mode = self.st.mode
-        self.st.mode = "ended"
-        self.st.playing.clear()
-        out: list[Action] = [StopListening()]
-        if mode == "recording":
-            out.append(StopRecording("hangup"))  # what the caller said so far is kept
-        if mode == "transfer" and not self.st.transferred:
-            # The caller gave up while waiting for an operator: call them back.
-            self.st.callback_requested = True
-            out.append(RequestCallback("hung_up_waiting", self._lang()))
-        return out
+
+# --- the dispatch table: every mode names a handler for every event ------------------------
+
+_Handler = Callable[[DialogEngine, Any], list[Action]]
+_E = DialogEngine
+
+# What every live mode does with the call's end, a record that could not be written
+# (spooled by the shell: the caller hears nothing of it) and a repeated CallStarted.
+_COMMON: dict[type, _Handler] = {
+    CallStarted: _E._ignore, CallerHungUp: _E._on_hang_up, EndCall: _E._on_end_call,
+    StoreFailed: _E._ignore, Fault: _E._on_fault,
+}
+# Late or stray answers to requests the current mode did not make (a lookup, a message,
+# a transfer or a callback abandoned after a Fault or a hang-up): ignored.
+_STRAY: dict[type, _Handler] = {
+    TransferFailed: _E._ignore, ApplicationFound: _E._ignore, RecordingSaved: _E._ignore,
+    LookupFailed: _E._ignore, TicketFailed: _E._ignore, RecordingFailed: _E._ignore,
+    CallbackFailed: _E._ignore,
+}
+_NO_INPUT: dict[type, _Handler] = {  # the caller's input is not taken in this mode
+    DtmfReceived: _E._ignore, SpeechStarted: _E._ignore, SpeechRecognized: _E._ignore,
+    InputTimeout: _E._ignore,
+}
+_MENU: dict[type, _Handler] = {
+    **_COMMON, **_STRAY,
+    DtmfReceived: _E._menu_dtmf, SpeechStarted: _E._menu_speech_started,
+    SpeechRecognized: _E._menu_speech, InputTimeout: _E._menu_timeout,
+    PromptFinished: _E._on_prompt_finished,
+}
+_YES_NO_OR_DIGITS: dict[type, _Handler] = {
+    **_COMMON, **_STRAY,
+    DtmfReceived: _E._duty_dtmf, SpeechStarted: _E._duty_speech_started,
+    SpeechRecognized: _E._duty_speech, InputTimeout: _E._duty_timeout,
+    PromptFinished: _E._on_prompt_finished,
+}
+_DISPATCH: dict[Mode, dict[type, _Handler]] = {
+    Mode.IDLE: {
+        **_STRAY, **_NO_INPUT,
+        CallStarted: _E._on_start, PromptFinished: _E._ignore,
+        CallerHungUp: _E._on_hang_up, EndCall: _E._on_end_call, StoreFailed: _E._ignore,
+        Fault: _E._on_fault,  # the start itself failed: sorry, goodbye
+    },
+    Mode.MENU: _MENU,
+    Mode.CONFIRM: _MENU,
+    Mode.DIGITS: _YES_NO_OR_DIGITS,
+    Mode.STATUS_CONFIRM: _YES_NO_OR_DIGITS,
+    Mode.OFFER: _YES_NO_OR_DIGITS,
+    Mode.LOOKUP: {
+        **_COMMON, **_STRAY, **_NO_INPUT,
+        PromptFinished: _E._on_prompt_finished,
+        ApplicationFound: _E._on_application, LookupFailed: _E._lookup_failed,
+    },
+    Mode.RECORD_INTRO: {  # the instructions and the beep are not interruptible
+        **_COMMON, **_STRAY, **_NO_INPUT,
+        PromptFinished: _E._intro_finished,
+    },
+    Mode.RECORDING: {
+        **_COMMON, **_STRAY,
+        DtmfReceived: _E._recording_key, SpeechStarted: _E._ignore,
+        SpeechRecognized: _E._ignore,  # nothing is recognised in a message
+        InputTimeout: _E._recording_silence, PromptFinished: _E._on_prompt_finished,
+        RecordingSaved: _E._on_recording_saved,  # ended by the shell at max_ms
+        TicketFailed: _E._record_failed, RecordingFailed: _E._record_failed,
+    },
+    Mode.SAVING: {
+        **_COMMON, **_STRAY, **_NO_INPUT,
+        PromptFinished: _E._on_prompt_finished,
+        RecordingSaved: _E._on_recording_saved,
+        TicketFailed: _E._record_failed, RecordingFailed: _E._record_failed,
+    },
+    Mode.TRANSFER: {  # "please hold" is not interruptible; then the REFER result
+        **_COMMON, **_STRAY, **_NO_INPUT,
+        PromptFinished: _E._transfer_prompt_finished,
+        TransferFailed: _E._on_transfer_failed,
+    },
+    Mode.CLOSING: {
+        **_STRAY, **_NO_INPUT,
+        CallStarted: _E._ignore, CallerHungUp: _E._on_hang_up, StoreFailed: _E._ignore,
+        PromptFinished: _E._closing_prompt_finished,
+        EndCall: _E._end_call_closing, Fault: _E._fault_closing,
+        CallbackFailed: _E._closing_callback_failed,  # the goodbye after a booked callback
+    },
+    Mode.ENDED: dict.fromkeys(EVENT_TYPES, _E._ignore),
+}
+
+
+def _check_dispatch() -> None:
+    """Fail at import if a mode misses an event or names one that is not an Event."""
+    for mode in Mode:
+        row = _DISPATCH.get(mode)
+        if row is None:
+            raise RuntimeError(f"dialog: mode {mode} has no row in _DISPATCH")
+        missing = [t.__name__ for t in EVENT_TYPES if t not in row]
+        extra = [t.__name__ for t in row if t not in EVENT_TYPES]
+        if missing or extra:
+            raise RuntimeError(f"dialog: mode {mode} handles no {missing}, unknown {extra}")
+
+
+_check_dispatch()

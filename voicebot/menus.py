@@ -53,6 +53,11 @@ SYSTEM_PROMPTS: dict[str, frozenset[str]] = {
     "record_instructions": frozenset(),
     "record_saved": frozenset({"ticket"}),
     "record_empty": frozenset(),
+    # Failures (issue 10): the apology the caller hears before the operator or a menu.
+    "apology": frozenset(),
+    "lookup_failed": frozenset(),
+    "record_failed": frozenset(),
+    "callback_failed": frozenset(),
 }
 
 # Application states the store accepts; each has a status_<state> prompt in every pack.
