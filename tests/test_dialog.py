@@ -11,20 +11,37 @@ import pytest
 from conftest import AFTER_HOURS, HOLIDAY, IN_HOURS, SATURDAY
 
 from voicebot.dialog import (
+    _DISPATCH,
+    EVENT_TYPES,
+    ApplicationFound,
+    CallbackFailed,
     CallerHungUp,
     CallStarted,
     DialogEngine,
     DialogSettings,
     DtmfReceived,
+    EndCall,
+    Fault,
     HangUp,
     InputTimeout,
     Listen,
     LogTurn,
+    LookupApplication,
+    LookupFailed,
+    Mode,
     Play,
     PromptFinished,
+    RecordingFailed,
+    RecordingSaved,
+    RequestCallback,
     SpeechRecognized,
     SpeechStarted,
+    StartRecording,
+    StopListening,
     StopPlayback,
+    StopRecording,
+    StoreFailed,
+    TicketFailed,
     Transfer,
     TransferFailed,
 )
@@ -306,3 +323,241 @@ def test_spoken_number_in_groups_is_one_turn_after_the_pause(grammars, cfg):  # 
     out = call.say(None, 0.0, text="날씨")
     turn = next(a.turn for a in out if isinstance(a, LogTurn))
     assert turn.result == "no_match"
+
+
+
+# --- totality: every mode handles every event, every failure has a spoken path ----------
+
+
+def keys_of(actions) -> list[str]:  # type: ignore[no-untyped-def]
+    return [p.key for a in actions if isinstance(a, Play) for p in a.prompts]
+
+
+def status_tries_then_operator(c: Call) -> None:
+    """Three unknown application numbers at the status menu (the issue's reproduction)."""
+    c.press("3")
+    for number in ("99999", "99998", "99997"):
+        for d in number + "#":
+            c.press(d, wait=d == number[0])
+        c.press("1")  # yes, the number is right
+        assert isinstance(c.actions[-1], LookupApplication)
+        c.send(ApplicationFound(c.t + 50, number, None))
+
+
+def test_dispatch_table_names_a_handler_for_every_mode_and_event() -> None:
+    assert set(_DISPATCH) == set(Mode)
+    for mode, row in _DISPATCH.items():
+        assert set(row) == set(EVENT_TYPES), mode
+    # The shell reads the mode as a string.
+    assert Mode.TRANSFER == "transfer" and f"{Mode.LOOKUP}" == "lookup"
+
+
+def test_failed_transfer_after_status_tries_returns_to_the_main_menu(grammars, cfg):  # type: ignore[no-untyped-def]
+    """Issue 10: the TransferFailed handler looked up the node "status" as a menu."""
+    c = Call(grammars, cfg, at=IN_HOURS, language="en")
+    status_tries_then_operator(c)
+    assert c.prompt_keys() == ["status_unknown", "operator_transfer"]
+    assert c.engine.mode == "transfer" and not c.engine.waiting_on_shell
+    assert any(isinstance(a, Transfer) for a in c.finish_prompts())
+    assert c.engine.waiting_on_shell  # the REFER is out: its result comes from the shell
+    out = c.send(TransferFailed(c.t + 100, "486 Busy"))
+    assert keys_of(out)[:2] == ["transfer_failed", "main_menu"]
+    assert c.engine.mode == "menu" and c.engine.node == "main" and c.listen().node == "main"
+
+
+def test_failed_transfer_through_the_simulator_ends_at_the_menu(core) -> None:  # type: ignore[no-untyped-def]
+    """The issue's reproduction on audio: `voicebot simulate ... --transfer-fails`."""
+    from voicebot.simulator import CallerInput, Simulator
+
+    inputs = [CallerInput("press", "3")]
+    for number in ("99999#", "99998#", "99997#"):
+        inputs += [CallerInput("press", number), CallerInput("press", "1")]
+    inputs.append(CallerInput("silent"))
+    res = Simulator(core, inputs, at=dt.datetime(2026, 11, 24, 11, 0, tzinfo=IN_HOURS.tzinfo),
+                    language="en", transfer_fails=True).run()
+    heard = [p.prompt.key for p in res.played]
+    i = heard.index("transfer_failed")
+    assert heard[i - 1] == "operator_transfer" and heard[i + 1] == "main_menu"
+    assert res.turns[-1].node == "main" and res.turns[-1].result == "no_input"
+    assert res.duration_ms < 5 * 60_000  # not left in silence until max_call_s
+
+
+def test_lookup_failure_operator_in_hours_callback_after(grammars, cfg):  # type: ignore[no-untyped-def]
+    for at, expect in ((IN_HOURS, ["lookup_failed", "operator_transfer"]),
+                       (AFTER_HOURS, ["lookup_failed", "operator_closed", "callback_offer"])):
+        c = Call(grammars, cfg, at=at, language="ru")
+        c.press("3")
+        for d in "123#":
+            c.press(d, wait=d == "1")
+        c.press("1")
+        assert c.engine.mode == "lookup" and c.engine.waiting_on_shell
+        out = c.send(LookupFailed(c.t + 30, "database is down"))
+        assert keys_of(out) == expect
+        assert all(p.language == "ru" for a in out if isinstance(a, Play) for p in a.prompts)
+    c.press("1")  # yes, call me back
+    assert RequestCallback("status_failed", "ru") in c.actions
+    # An unknown state from the store is no answer either.
+    c = Call(grammars, cfg, at=IN_HOURS, language="en")
+    c.press("3")
+    c.press("7")
+    c.press("#", wait=False)
+    c.press("1")
+    out = c.send(ApplicationFound(c.t + 30, "7", "lost_in_the_mail"))
+    assert keys_of(out) == ["lookup_failed", "operator_transfer"]
+
+
+def start_message(c: Call) -> None:
+    c.press("4")
+    c.press("1")  # a complaint: instructions and the beep, then the recording starts
+    after = c.finish_prompts()
+    assert any(isinstance(a, StartRecording) for a in after)
+    assert c.engine.mode == "recording" and c.engine.accepting_input
+
+
+def test_message_failures_apologise_then_menu_or_operator(grammars, cfg):  # type: ignore[no-untyped-def]
+    c = Call(grammars, cfg, at=AFTER_HOURS, language="en")
+    start_message(c)
+    out = c.send(TicketFailed(c.t + 20, "no space left on device"))
+    assert keys_of(out)[:2] == ["record_failed", "main_menu"]
+    assert StopListening() in out and c.engine.mode == "menu"
+    # The recording broke off after the caller pressed #: the message is gone.
+    c = Call(grammars, cfg, at=IN_HOURS, language="ko")
+    start_message(c)
+    c.press("#")
+    assert c.engine.mode == "saving" and c.engine.waiting_on_shell
+    out = c.send(RecordingFailed(c.t + 20, "disk full"))
+    assert keys_of(out) == ["record_failed", "operator_transfer"]
+    assert c.engine.mode == "transfer"
+
+
+def test_callback_not_stored_takes_the_promise_back(grammars, cfg):  # type: ignore[no-untyped-def]
+    c = Call(grammars, cfg, at=AFTER_HOURS, language="az")
+    c.press("0")
+    c.press("1")  # yes: callback_booked and goodbye play, then the call would end
+    assert c.engine.mode == "closing" and c.engine.outcome == "completed"
+    out = c.send(CallbackFailed(c.t + 10, "database is down"))
+    assert isinstance(out[0], StopPlayback)
+    assert keys_of(out)[:2] == ["callback_failed", "main_menu"]
+    assert c.engine.mode == "menu" and c.engine.outcome == "abandoned"
+    assert not any(isinstance(a, HangUp) for a in c.finish_prompts())
+
+
+def test_store_failures_are_not_the_callers_business(grammars, cfg):  # type: ignore[no-untyped-def]
+    """Records are spooled by the shell: a failed write changes nothing in the dialog."""
+    c = Call(grammars, cfg, at=IN_HOURS, language="en")
+    assert c.send(StoreFailed(c.t, "disk full")) == []
+    start_message(c)
+    assert c.send(StoreFailed(c.t, "disk full")) == [] and c.engine.mode == "recording"
+
+
+def test_failures_a_mode_did_not_ask_for_are_ignored(grammars, cfg):  # type: ignore[no-untyped-def]
+    c = Call(grammars, cfg, at=IN_HOURS, language="en")
+    stray = [LookupFailed(1.0), TicketFailed(1.0), RecordingFailed(1.0), CallbackFailed(1.0),
+             TransferFailed(1.0, "late"), ApplicationFound(1.0, "1", "ready"),
+             RecordingSaved(1.0, "9", 1000.0, 500.0, "key"), CallStarted(IN_HOURS)]
+    for ev in stray:
+        assert c.send(ev) == [], ev
+    assert c.engine.mode == "menu" and c.engine.node == "main"
+    c.press("3")  # at the number prompt, a late lookup answer or message failure is no input
+    for ev in stray:
+        assert c.send(ev) == [], ev
+    assert c.engine.mode == "digits"
+
+
+def test_fault_apologises_then_operator_and_a_second_one_hangs_up(grammars, cfg):  # type: ignore[no-untyped-def]
+    c = Call(grammars, cfg, at=IN_HOURS, language="en")
+    c.press("3")
+    out = c.send(Fault(c.t + 10, "watchdog"))
+    assert keys_of(out) == ["apology", "operator_transfer"]
+    assert c.engine.mode == "transfer"
+    out = c.send(Fault(c.t + 20, "error"))
+    assert keys_of(out) == ["apology", "goodbye"]
+    assert not any(isinstance(a, (Listen, Transfer)) for a in out)
+    assert c.finish_prompts()[-1] == HangUp("fault") and c.engine.mode == "ended"
+
+
+def test_fault_after_hours_and_on_the_language_menu(grammars, cfg):  # type: ignore[no-untyped-def]
+    c = Call(grammars, cfg, at=AFTER_HOURS)  # no language chosen yet
+    c.finish_prompts()
+    out = c.send(Fault(c.t + 10, "watchdog"))
+    # Sorry in every offered language, then the language menu again.
+    assert [(p.key, p.language) for a in out if isinstance(a, Play) for p in a.prompts][:4] == \
+        [("apology", lang) for lang in ("az", "ru", "en", "ko")]
+    assert c.engine.node == "language" and c.listen().node == "language"
+    # A fault while recording keeps what was recorded and goes back to the main menu.
+    c = Call(grammars, cfg, at=AFTER_HOURS, language="ru")
+    start_message(c)
+    out = c.send(Fault(c.t + 10, "error"))
+    assert StopRecording("fault") in out and keys_of(out)[:2] == ["apology", "main_menu"]
+
+
+def test_fault_while_waiting_for_the_refer_result_does_not_transfer_again(grammars, cfg):  # type: ignore[no-untyped-def]
+    c = Call(grammars, cfg, at=IN_HOURS, language="en")
+    c.press("0")
+    c.finish_prompts()
+    assert c.engine.waiting_on_shell
+    out = c.send(Fault(c.t + 10_000, "watchdog"))
+    assert keys_of(out)[:2] == ["apology", "main_menu"]
+    assert not any(isinstance(a, Transfer) for a in out)
+
+
+def test_fault_while_closing_hangs_up_at_once(grammars, cfg):  # type: ignore[no-untyped-def]
+    c = Call(grammars, cfg, at=AFTER_HOURS, language="en")
+    c.press("0")
+    c.press("1")  # callback booked: goodbye plays
+    assert c.engine.waiting_on_shell
+    out = c.send(Fault(c.t + 10, "error"))
+    assert out == [StopPlayback("fault"), HangUp("fault")]
+
+
+@pytest.mark.parametrize("where", ["menu", "transfer_playing", "transfer_sent", "closing",
+                                   "recording", "lookup", "offer"])
+def test_end_call_says_goodbye_and_hangs_up_in_every_mode(grammars, cfg, where):  # type: ignore[no-untyped-def]
+    c = Call(grammars, cfg, at=AFTER_HOURS if where in ("closing", "offer") else IN_HOURS,
+             language="en")
+    if where.startswith("transfer"):
+        c.press("0")
+        if where == "transfer_sent":
+            c.finish_prompts()
+    elif where == "closing":
+        c.press("0")
+        c.press("1")
+    elif where == "recording":
+        start_message(c)
+    elif where == "lookup":
+        c.press("3")
+        c.press("5")
+        c.press("#", wait=False)
+        c.press("1")
+    elif where == "offer":
+        c.press("0")
+    out = c.send(EndCall(c.t + 10, "shutdown"))
+    after = c.finish_prompts()
+    if where == "closing":
+        assert out == []  # the goodbye already plays; the hang-up follows it
+    else:
+        assert keys_of(out) == ["call_ending"]
+        assert not any(isinstance(a, (Listen, Transfer)) for a in out + after)
+    if where == "recording":
+        assert StopRecording("call_ending") in out
+    assert isinstance(after[-1], HangUp) and c.engine.mode == "ended"
+
+
+def test_silent_line_with_failing_operators_ends_politely(grammars, cfg):  # type: ignore[no-untyped-def]
+    """In hours, a silent caller whose transfers fail must not cycle menu -> operator for
+    ever: the second escalation after a failed transfer says goodbye."""
+    c = Call(grammars, cfg, at=IN_HOURS, language="en")
+    for _ in range(3):
+        c.timeout()
+    c.finish_prompts()
+    c.send(TransferFailed(c.t, "503"))
+    for _ in range(3):
+        c.timeout()
+    assert c.prompt_keys() == ["no_input", "goodbye"]
+    assert isinstance(c.finish_prompts()[-1], HangUp)
+
+
+def test_unknown_start_language_falls_back_to_the_language_menu(grammars, cfg):  # type: ignore[no-untyped-def]
+    c = Call(grammars, cfg, language="xx")
+    assert c.engine.node == "language" and c.engine.language is None
+    assert c.prompt_keys()[0] == "welcome"
