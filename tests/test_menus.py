@@ -210,3 +210,16 @@ def test_year_words_num2words_cannot_do(grammars_copy: Path) -> None:
          'year_words = { to = "ordinal", case = "vocative" }')
     (err,) = load_errors(grammars_copy)
     assert "ru.toml" in str(err) and "format.year_words" in str(err)
+
+
+@pytest.mark.parametrize("key", ["apology", "lookup_failed", "record_failed", "callback_failed"])
+def test_failure_prompts_are_required_in_every_pack(grammars, grammars_copy: Path,
+                                                    key: str) -> None:  # type: ignore[no-untyped-def]
+    """The apologies the engine says when I/O fails (issue 10) must exist in every pack."""
+    for pack in grammars.packs.values():
+        assert pack.prompts[key].strip()
+    path = grammars_copy / "packs" / "ko.toml"
+    text = path.read_text(encoding="utf-8")
+    path.write_text(re.sub(rf"^{key} = .*\n", "", text, flags=re.M), encoding="utf-8")
+    (err,) = load_errors(grammars_copy)
+    assert f"packs/ko.toml: prompts.{key}" in err
