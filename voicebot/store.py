@@ -290,7 +290,10 @@ class Store:
         # The write queue, shared with the writer thread.
         self._cv = threading.Condition()
         self._queue: list[dict[str, Any]] = []
-        self._inflight = 0  # taken off the queue, not yet in the database
+        self._pending: deque[dict[str, Any]] = deque()  # journalled, not in the database
+        self._jlock = threading.Lock()  # the journal file
+        self._journal_done = False
+        self._journalling = 0
         self._stop = False
         self._started = threading.Event()  # dead journals replayed (or tried)
         self._replayed = 0
@@ -310,7 +313,9 @@ class Store:
             self._drop_read()
             log.warning("store: %s: %s; records wait in the spool", self.name, exc)
         self._open_journal()
+        self._jthread = threading.Thread(target=self._jrun, name="store-journal", daemon=True)
         self._writer = threading.Thread(target=self._run, name="store-writer", daemon=True)
+        self._jthread.start()
         self._writer.start()
 
     @classmethod
@@ -767,45 +772,75 @@ class Store:
                 os.close(fd)
         return total
 
+    def _jrun(self) -> None:
+        """The journal thread: queued writes to local disk at once (fsync'd per batch),
+        whatever the database is doing, then over to the writer."""
+        while True:
+            with self._cv:
+                while not self._queue and not self._stop:
+                    self._cv.wait()
+                new, self._queue = self._queue, []
+                self._journalling = len(new)  # neither queued nor pending: still counted
+                stopping = self._stop
+            if new:
+                with self._jlock:
+                    self._journal_write(new)
+                    with self._cv:
+                        self._pending.extend(new)
+                        self._journalling = 0
+                        self._cv.notify_all()
+            if stopping:
+                with self._cv:
+                    if not self._queue:
+                        self._journal_done = True
+                        self._cv.notify_all()
+                        return
+
     def _run(self) -> None:
-        pending: deque[dict[str, Any]] = deque()  # in the journal (or memory), not yet in db
+        """The writer thread: journalled writes into the database, in order, with retries."""
         delay = RETRY_MIN_S
         retry_at = 0.0
         dead_done = False
         last_try = False
         down_since: float | None = None
         while True:
+            quiet = False
             with self._cv:
-                if not self._queue and not self._stop:
-                    due = retry_at - time.monotonic() if (pending or not dead_done) else 1.0
-                    if due > 0:
-                        self._cv.wait(due)
-                new, self._queue = self._queue, []
-                self._inflight += len(new)
-                stopping = self._stop
-            if new:
-                self._journal_write(new)
-                pending.extend(new)
-            if stopping and not last_try:
-                last_try, retry_at = True, 0.0  # closing: one more try even while backing off
-            if time.monotonic() < retry_at and not stopping:
-                continue
+                while True:
+                    stopping = self._stop and self._journal_done
+                    if stopping and not last_try:
+                        last_try, retry_at = True, 0.0  # closing: one more try, no backoff
+                    work = bool(self._pending) or not dead_done
+                    due = retry_at - time.monotonic()
+                    if (work and due <= 0) or stopping:
+                        break
+                    idle = not work and self._journal_bytes and not self._queue
+                    self._cv.wait(due if work else (1.0 if not idle else 0.5))
+                    if idle and not self._pending and not self._queue:
+                        quiet = True  # nothing for a while: time to empty the journal
+                        break
             try:
                 if not dead_done:
                     self._replayed += self._replay_dead(self._commit)
                     dead_done = True
                     self._started.set()
-                while pending:
-                    batch = [pending[i] for i in range(min(BATCH, len(pending)))]
-                    self._commit(batch)
-                    for _ in batch:
-                        pending.popleft()
+                while True:
                     with self._cv:
-                        self._inflight -= len(batch)
+                        batch = [self._pending[i] for i in range(min(BATCH, len(self._pending)))]
+                    if not batch:
+                        break
+                    self._commit(batch)
+                    with self._cv:
+                        for _ in batch:
+                            self._pending.popleft()
                         self._cv.notify_all()
-                if not self._journal_ok or self._journal_bytes > JOURNAL_COMPACT_BYTES or (
-                        self._journal_bytes and not new):
-                    self._journal_write([], rewrite=True)  # all delivered: empty the journal
+                with self._jlock, self._cv:
+                    # All delivered (and nothing being journalled: we hold the journal):
+                    # empty the journal when it is big, broken, or the line is quiet.
+                    big = self._journal_bytes > JOURNAL_COMPACT_BYTES
+                    if not self._pending and (not self._journal_ok or big or (
+                            quiet and self._journal_bytes)):
+                        self._journal_write([], rewrite=True)
                 self._lease_blocks_on(self._wconnect(), 2)
                 if down_since is not None:
                     log.warning("store: the database answers again after %.1f s",
@@ -817,10 +852,14 @@ class Store:
                 if down_since is None:
                     down_since = time.monotonic()
                     log.error("store: the database does not answer (%s); %d record(s) wait "
-                              "in the %s", str(exc).strip(), len(pending),
+                              "in the %s", str(exc).strip(), len(self._pending),
                               "journal" if self._journal_ok else "memory")
-                if not self._journal_ok and pending:
-                    self._journal_write(list(pending), rewrite=True)  # room again?
+                with self._jlock:
+                    if not self._journal_ok:
+                        with self._cv:
+                            snapshot = list(self._pending)
+                        if snapshot:
+                            self._journal_write(snapshot, rewrite=True)  # room again?
                 retry_at = time.monotonic() + delay
                 delay = min(RETRY_MAX_S, delay * 2)
                 if not dead_done:
@@ -831,28 +870,28 @@ class Store:
                 retry_at = time.monotonic() + delay
                 delay = min(RETRY_MAX_S, delay * 2)
             if stopping:
-                with self._cv:
-                    if not self._queue:
-                        break
-        if pending:
-            self._journal_write(list(pending), rewrite=True)
-            log.warning("store: %d record(s) not delivered at close; kept in %s for the next "
-                        "start", len(pending), self._journal if self._journal_ok else "memory "
-                        "(the disk is full: they are lost with this process)")
+                break
         self._drop_write()
-        if self._jfd is not None:
-            with suppress(OSError):
-                if not pending and self._journal is not None:
-                    self._journal.unlink()
-            os.close(self._jfd)
-            self._jfd = None
+        with self._jlock, self._cv:
+            left = list(self._pending)
+            if left:
+                self._journal_write(left, rewrite=True)
+                log.warning("store: %d record(s) not delivered at close; kept in %s for the "
+                            "next start", len(left), self._journal if self._journal_ok else
+                            "memory (the disk is full: they are lost with this process)")
+            if self._jfd is not None:
+                with suppress(OSError):
+                    if not left and self._journal is not None:
+                        self._journal.unlink()
+                os.close(self._jfd)
+                self._jfd = None
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every write so far is in the database; False after ``timeout`` s."""
         end = time.monotonic() + timeout
         self._started.wait(timeout)
         with self._cv:
-            while self._queue or self._inflight:
+            while self._queue or self._journalling or self._pending:
                 left = end - time.monotonic()
                 if left <= 0 or not self._writer.is_alive():
                     return False
@@ -863,7 +902,7 @@ class Store:
     def pending(self) -> int:
         """Writes not yet in the database."""
         with self._cv:
-            return len(self._queue) + self._inflight
+            return len(self._queue) + self._journalling + len(self._pending)
 
     @property
     def journalled(self) -> bool:
@@ -871,8 +910,9 @@ class Store:
         return self._journal_ok
 
     def replay_dead_spools(self, timeout: float = 30.0) -> int:
-        """Journals of dead processes replayed so far (waits for the writer's first pass,
-        then replays any found since); StoreUnavailable when the database is down."""
+        """Records replayed from the journals of dead processes since the last call (waits
+        for the writer's first pass, then replays any found since); StoreUnavailable when
+        the database is down."""
         self._started.wait(timeout)
 
         def through_read(ops: Sequence[dict[str, Any]]) -> None:
@@ -881,7 +921,8 @@ class Store:
                     self._apply(cur, op)
             self._read(run)
 
-        return self._replayed + self._replay_dead(through_read)
+        done, self._replayed = self._replayed, 0  # each replay is reported once
+        return done + self._replay_dead(through_read)
 
     # --- reading ---
 
@@ -1005,7 +1046,9 @@ class Store:
         with self._cv:
             self._stop = True
             self._cv.notify_all()
-        self._writer.join(timeout)
+        end = time.monotonic() + timeout
+        self._jthread.join(timeout)
+        self._writer.join(max(0.1, end - time.monotonic()))
         if self._writer.is_alive():
             log.warning("store: writer still busy after %.0f s at close; its journal %s is "
                         "replayed by the next start", timeout, self._journal)
