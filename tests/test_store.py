@@ -441,3 +441,26 @@ def test_message_recorder_on_a_full_disk_keeps_a_playable_wav(tiny_disk: Path) -
     got = np.frombuffer(frames, "<i2")
     assert np.array_equal(got, tone[:len(got)])  # what was written is what was kept
     assert final.stat().st_size == 44 + 2 * rec.samples
+
+
+def test_close_keeps_what_the_database_did_not_take(tmp_path: Path) -> None:
+    """Closing while the database is locked leaves the records in the journal; the next
+    process to open the store delivers them."""
+    db = tmp_path / "voicebot.sqlite"
+    store = Store(db)
+    lock = sqlite3.connect(db, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+    try:
+        _write_call(store, "kept-0")
+        store.close(timeout=15)  # one last try (5 s busy wait), then it gives up
+        (journal,) = (tmp_path / "spool").glob("*.jsonl")
+        assert len(journal.read_text().splitlines()) == 9
+    finally:
+        lock.execute("COMMIT")
+        lock.close()
+    again = Store(db)
+    try:
+        _check_calls(again.calls(), ["kept-0"])
+    finally:
+        again.close()
+    assert not list((tmp_path / "spool").glob("*.jsonl"))

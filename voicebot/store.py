@@ -132,8 +132,9 @@ TIME_COLUMNS = {"calls": ("id", ["started_at", "answered_at", "ended_at"]),
                 "tickets": ("id", ["created_at"]),
                 "callbacks": ("id", ["created_at", "done_at"])}
 
-TICKET_BASE = 100000  # old numbering (100000 + row id), kept for the numbers it gave out
-NUMBER_BASE = 1_000_000  # block b gives the numbers 1_000_000 + 1000 b ... + 999
+# Block b gives the numbers 1_000_000 + 1000 b ... + 999: above the six-digit tickets of
+# the old numbering (100000 + row id).
+NUMBER_BASE = 1_000_000
 BLOCK_SIZE = 1000
 # Numbers made without a leased block: 10**9 + 1000 x + n, x from the start time and pid.
 # Ten digits, below 2**31: callbacks.id is a 32-bit integer in PostgreSQL.
@@ -347,7 +348,12 @@ class Store:
     def _connect(self, autocommit: bool) -> Any:
         if self._psycopg is not None:
             try:
-                return self._psycopg.connect(self.dsn, autocommit=autocommit, connect_timeout=3)
+                # Keepalives and a TCP user timeout: a server that vanishes without a
+                # reset (a network cut) fails a query in seconds instead of hanging it.
+                return self._psycopg.connect(self.dsn, autocommit=autocommit, connect_timeout=3,
+                                             keepalives=1, keepalives_idle=5,
+                                             keepalives_interval=2, keepalives_count=3,
+                                             tcp_user_timeout=10000)
             except self._transient() as exc:
                 raise StoreUnavailable(f"the call store at {self.name} does not answer "
                                        f"({str(exc).strip()}); calls go on and their records "
