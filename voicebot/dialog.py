@@ -308,7 +308,7 @@ class StartRecording:
 @dataclass(frozen=True)
 class StopRecording:
     """End the message recording, keep what was recorded, post RecordingSaved (not after a
-    hang-up). reason: key, silence, hangup, call_ending (EndCall), fault."""
+    hang-up). reason: key, silence, hangup, call_ending (EndCall), fault, record_failed."""
 
     reason: str
 
@@ -704,7 +704,7 @@ class DialogEngine:
     def _on_transfer_failed(self, ev: TransferFailed) -> list[Action]:
         self.st.transferred = False
         self.st.transfer_failures += 1
-        stop = self._stop("transfer failed")
+        stop = self._stop("transfer_failed")
         return [*stop, *self._go_menu(self._menu_node(), (self._prompt("transfer_failed"),))]
 
     def _lookup_failed(self, ev: LookupFailed) -> list[Action]:
@@ -718,7 +718,7 @@ class DialogEngine:
     def _record_failed(self, ev: TicketFailed | RecordingFailed) -> list[Action]:
         """No ticket, no file, or the recording broke off: the message is not kept."""
         self.st.record_option = None
-        out = self._leave("record failed")
+        out = self._leave("record_failed")
         return [*out, *self._recover((self._prompt("record_failed"),), ev.t_ms)]
 
     def _closing_callback_failed(self, ev: CallbackFailed) -> list[Action]:
@@ -728,7 +728,7 @@ class DialogEngine:
             return []
         self.st.callback_requested = False
         self.st.served = self.st.served_before_callback
-        out = self._stop("callback failed")
+        out = self._stop("callback_failed")
         return [*out, *self._recover((self._prompt("callback_failed"),), ev.t_ms)]
 
     # -- menus --
