@@ -689,6 +689,8 @@ class DialogEngine:
         self.st.faults += 1
         # After the REFER went out, the transfer is what is stuck: do not try it again.
         operator = not (self.st.mode is Mode.TRANSFER and self.st.transferred)
+        # A transfer the far end never answered did not happen: the caller is still here.
+        self.st.transferred = False
         out = self._leave("fault")
         apology = self._prompts("apology")
         if self.st.faults >= MAX_FAULTS or self.st.mode is Mode.IDLE:

@@ -7,6 +7,15 @@ dialog engine — and takes its work from one queue, so no lock guards the engin
 
 Timers run on media time (the timestamps of the caller's frames), so a simulated
 call replays exactly and a stalled RTP stream cannot fire a no-input timeout.
+
+Nothing here may leave a caller in silence: every I/O the engine asks for (a lookup, a
+ticket, a callback, a message file, a record) runs off the call thread or cannot block,
+and answers the engine with success or a failure event; an exception on the worker
+thread becomes a ``Fault`` the engine apologises for; a watchdog posts ``Fault`` when the
+caller has heard nothing for ``[dialog] max_silence_s`` while nobody listens with a
+timer; ``max_call_s`` ends the call in every mode, by force if the goodbye never ends.
+Texts callers trigger (numbers, tickets, dates) are rendered on a render thread, never
+on the call thread.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -28,17 +38,21 @@ from .dialog import (
     BEEP,
     Action,
     ApplicationFound,
+    CallbackFailed,
     CallerHungUp,
     CallStarted,
     DialogEngine,
     DialogSettings,
     DtmfReceived,
+    EndCall,
     Event,
+    Fault,
     HangUp,
     InputTimeout,
     Listen,
     LogTurn,
     LookupApplication,
+    LookupFailed,
     Play,
     Prompt,
     PromptFinished,
@@ -50,6 +64,9 @@ from .dialog import (
     StopListening,
     StopPlayback,
     StopRecording,
+    StoreFailed,
+    TicketFailed,
+    Transfer,
     Turn,
 )
 from .dtmf import DtmfDetector
@@ -69,6 +86,16 @@ log = logging.getLogger(__name__)
 PROMPT_GAP_MS = 300  # pause between two prompts of one play
 DTMF_DEDUPE_MS = 250  # the same key from two methods (RFC 4733 + in-band) within this is one
 DTMF_MASKS_SPEECH_MS = 200  # an utterance this close to a key press is the tone, not speech
+FORCE_END_MS = 30_000  # a call asked to end (shutdown, max length) that has not ended by
+# then is hung up without waiting any more for its goodbye
+FAULT_SPACING_MS = 1000  # faults closer than this are one fault (one error on every frame)
+MAX_FAULTS = 3  # after this many the call is ended by the shell itself, engine or not
+
+# Work that must not run on a call thread, shared by every call of the process: store reads
+# (a database that stalls must not freeze a call) and espeak-ng renders (serialised by the
+# synthesiser anyway, so one thread).
+_IO_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="voicebot-io")
+_RENDER_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="voicebot-tts")
 
 
 class VoiceCore:
@@ -237,6 +264,15 @@ class CallSession:
         self._ticket: str | None = None
         self._record_max_ms = 0.0
         self.stats = CallStats()
+        self._deferred: list[Play] = []  # plays waiting for a render, in order
+        self._rendering = False  # a render for the first deferred play is under way
+        self._unheard_since: float | None = None  # watchdog: media ms the silence began
+        self._end_asked_ms: float | None = None  # EndCall posted at (media ms)
+        self._faults: list[float] = []  # media ms of each fault
+        self._hangup_after: int | None = None  # last resort: hang up when this play ends
+        self._transfer_progress = False  # the far end reported the transfer is going on
+        self.max_call_ms = core.cfg.dialog.max_call_s * 1000.0
+        self.max_silence_ms = core.cfg.dialog.max_silence_s * 1000.0
         self._idle = threading.Condition()
         self._busy = 0
         self._thread = threading.Thread(target=self._run, name=f"call-{call_id}", daemon=True)
@@ -260,10 +296,27 @@ class CallSession:
         """A key from signalling (RFC 4733 or SIP INFO); the worker times and de-duplicates it."""
         self._enqueue("digit", (digit, method))
 
+    def transfer_progress(self) -> None:
+        """The far end accepted the transfer and reports progress (a provisional NOTIFY): the
+        caller hears the new call ringing, so the silence watchdog must not cut in."""
+        self._transfer_progress = True
+
     def _enqueue(self, kind: str, item: object) -> None:
         with self._idle:
             self._busy += 1
         self._q.put_nowait((kind, item))
+
+    def _hold(self) -> None:
+        """Count work done elsewhere for this call (a lookup, a render) as queued, so
+        ``drain`` waits for it: the simulator then replays the same way every time."""
+        with self._idle:
+            self._busy += 1
+
+    def _release_hold(self) -> None:
+        with self._idle:
+            self._busy -= 1
+            if self._busy == 0:
+                self._idle.notify_all()
 
     # --- control ---
 
@@ -283,9 +336,14 @@ class CallSession:
         self._thread.join(timeout=10)
 
     @property
+    def speaking(self) -> bool:
+        """The bot is saying something, or has something rendered for it to say next."""
+        return self.player.busy or bool(self._deferred)
+
+    @property
     def waiting_for_input(self) -> bool:
         """The bot has said everything and listens: the caller's turn."""
-        return (self.listen is not None and not self.player.busy and not self.engine.playing
+        return (self.listen is not None and not self.speaking and not self.engine.playing
                 and self.engine.accepting_input)
 
     # --- player callbacks (media clock thread): only enqueue ---
@@ -314,11 +372,15 @@ class CallSession:
                 elif kind == "digit":
                     digit, method = item  # type: ignore[misc]
                     self._digit(digit, self._now_ms, method)
+                elif kind == "rendered":
+                    self._flush_deferred()
                 else:
                     self._dispatch(item)  # type: ignore[arg-type]
-            except Exception:
-                # One bad frame or event must not kill the call; the record keeps the error.
+            except Exception as exc:
+                # One bad frame or event must not kill the call, nor leave it in a mode that
+                # waits for something that will never come: the engine apologises and moves on.
                 log.exception("call %s: error handling %s", self.call_id, kind)
+                self._fault(f"{kind}: {type(exc).__name__}: {exc}")
             finally:
                 with self._idle:
                     self._busy -= 1
@@ -341,15 +403,105 @@ class CallSession:
                 self._recognizers[lang].accept(frame.samples)
         if self._recorder is not None:
             self._recorder.write(frame.samples, self.vad.in_speech)
-            if self._recorder.duration_ms >= self._record_max_ms:
+            if getattr(self._recorder, "failed", None):
+                # The disk is full (or the file broke): the message ends here, normally, with
+                # what was written; the call goes on.
+                log.error("call %s: message %s stopped: %s", self.call_id, self._ticket,
+                          self._recorder.failed)
+                self._stop_recording("disk_full")
+            elif self._recorder.duration_ms >= self._record_max_ms:
                 self._stop_recording("max_duration")
         self._check_timeout()
+        self._check_watchdog()
         self._flush_turns()
         self.stats.frame_cost_us.append((time.perf_counter() - t0) * 1e6)
 
+    # --- never silence, never forever ---
+
+    def _check_watchdog(self) -> None:
+        """Post Fault when the caller has heard nothing for max_silence_ms while no Listen with
+        a timer is in force; end the call at max_call_ms in every mode, by force if need be."""
+        if self.ended.is_set():
+            return
+        now = self._now_ms
+        if now >= self.max_call_ms and self._end_asked_ms is None:
+            self.end_call("max_duration")
+            return
+        if self._end_asked_ms is not None and now - self._end_asked_ms >= FORCE_END_MS:
+            log.error("call %s: asked to end %.0f ms ago and still going (mode %s); hanging "
+                      "up", self.call_id, now - self._end_asked_ms, self.engine.mode)
+            self._force_end("forced")
+            return
+        timed = self.listen is not None and self.engine.accepting_input
+        transferring = self.engine.mode == "transfer" and self._transfer_progress
+        if self.speaking or timed or transferring:
+            self._unheard_since = None
+            return
+        if self._unheard_since is None:
+            self._unheard_since = now
+        elif now - self._unheard_since >= self.max_silence_ms:
+            self._unheard_since = None
+            log.warning("call %s: watchdog: %.0f ms of silence in mode %s", self.call_id,
+                        self.max_silence_ms, self.engine.mode)
+            self._fault(f"watchdog: silence in mode {self.engine.mode}")
+
+    def end_call(self, reason: str) -> None:
+        """Ask the engine to end the call (say goodbye, hang up); forced after FORCE_END_MS.
+        Worker thread; the shell posts EndCall instead, which lands here."""
+        if self._end_asked_ms is None:
+            self._end_asked_ms = self._now_ms
+        self._dispatch(EndCall(self._now_ms, reason))
+
+    def _fault(self, reason: str) -> None:
+        """An error or dead air: the engine apologises and moves on; if the engine itself
+        keeps failing, the shell says sorry and hangs up on its own."""
+        if self.ended.is_set():
+            return
+        now = self._now_ms
+        if self._faults and now - self._faults[-1] < FAULT_SPACING_MS:
+            return
+        self._faults.append(now)
+        if len(self._faults) <= MAX_FAULTS:
+            try:
+                self._dispatch(Fault(now, reason))
+                return
+            except Exception:
+                log.exception("call %s: the engine failed on a fault too", self.call_id)
+        self._last_resort()
+
+    def _last_resort(self) -> None:
+        """Say sorry and goodbye without the engine, then hang up."""
+        if self._hangup_after is not None or self.ended.is_set():
+            return
+        self.player.stop()
+        self._deferred.clear()
+        self.listen = None
+        lang = self.engine.language or self.core.cfg.languages.default
+        pack = self.core.grammars.packs[lang]
+        prompts = []
+        for key in ("apology", "goodbye"):
+            if key in pack.prompts:
+                prompts.append(Prompt(lang, key, pack.text(key), pack.voice))
+        self._hangup_after = -1
+        play = Play(-1, tuple(prompts), barge_in=False)
+        if not self._play(play, now=True):
+            self._force_end("error")
+
+    def _force_end(self, reason: str) -> None:
+        """Hang up now (the shell's HangUp), whatever the engine's mode."""
+        if self.ended.is_set():
+            return
+        action = HangUp(reason)
+        if self._on_action is not None:
+            try:
+                self._on_action(action)
+            except Exception:
+                log.exception("call %s: hang-up failed", self.call_id)
+        self._finish(self.engine.outcome if self.result is None else self.result)
+
     def _check_timeout(self) -> None:
         listening = self.listen is not None and self.engine.accepting_input
-        if not listening or self.player.busy or self.engine.playing or self.vad.in_speech:
+        if not listening or self.speaking or self.engine.playing or self.vad.in_speech:
             self._quiet_since = None
             return
         if self._quiet_since is None:
@@ -417,6 +569,11 @@ class CallSession:
         self._dispatch(best)
 
     def _dispatch(self, event: Event) -> None:
+        if isinstance(event, PromptFinished) and event.play_id == self._hangup_after:
+            self._force_end("error")
+            return
+        if isinstance(event, EndCall) and self._end_asked_ms is None:
+            self._end_asked_ms = self._now_ms
         actions = self.engine.handle(event)
         first_play = next((a for a in actions if isinstance(a, Play)), None)
         if first_play is not None and self._awaiting_reply:
@@ -443,6 +600,8 @@ class CallSession:
                     self._pending_turns.append((action.turn, reply))
             else:
                 self._do(action)
+            if isinstance(action, Transfer):
+                self._transfer_progress = False
             if self._on_action is not None:
                 self._on_action(action)
         if isinstance(event, PromptFinished) and event.play_id == self._notice_play:
@@ -455,7 +614,8 @@ class CallSession:
             case Play():
                 self._play(action)
             case StopPlayback():
-                stopped = set(self.player.stop())
+                stopped = set(self.player.stop()) | {p.play_id for p in self._deferred}
+                self._deferred.clear()
                 # A reply cut before its first sample went out has no latency to wait for.
                 cut = [(t, p) for t, p in self._pending_turns
                        if p in stopped and p not in self._play_started_ms]
@@ -476,18 +636,48 @@ class CallSession:
             case StopRecording():
                 self._stop_recording(action.reason)
             case RequestCallback():
-                if self.store is not None:
-                    self.store.add_callback(self.call_id, self.caller, action.language,
-                                            action.reason)
-                log.info("call %s callback requested reason=%s caller=%s", self.call_id,
-                         action.reason, self.caller)
+                self._request_callback(action)
 
     # --- duties: the store's answers go back to the engine as events, through the queue ---
 
     def _lookup(self, action: LookupApplication) -> None:
-        found = self.store.application(action.number) if self.store is not None else None
-        status, date = found if found else (None, None)
-        self._enqueue("event", ApplicationFound(self._now_ms, action.number, status, date))
+        """Read the store on the I/O pool (a stalled database must not freeze the call);
+        the answer comes back through the queue as ApplicationFound or LookupFailed."""
+        store = self.store
+        if store is None:
+            self._enqueue("event", ApplicationFound(self._now_ms, action.number, None, None))
+            return
+        self._hold()
+
+        def done(fut: Future[tuple[str, dt.date] | None]) -> None:
+            try:
+                found = fut.result()
+            except Exception as exc:
+                log.error("call %s: application lookup failed: %s", self.call_id, exc)
+                self._enqueue("event", LookupFailed(self._now_ms, str(exc)))
+            else:
+                status, date = found if found else (None, None)
+                self._enqueue("event", ApplicationFound(self._now_ms, action.number, status,
+                                                        date))
+            finally:
+                self._release_hold()
+
+        try:
+            _IO_POOL.submit(store.application, action.number).add_done_callback(done)
+        except RuntimeError as exc:  # the pool is shut down: the process is exiting
+            self._release_hold()
+            self._enqueue("event", LookupFailed(self._now_ms, str(exc)))
+
+    def _request_callback(self, action: RequestCallback) -> None:
+        log.info("call %s callback requested reason=%s caller=%s", self.call_id, action.reason,
+                 self.caller)
+        if self.store is None:
+            return
+        try:
+            self.store.add_callback(self.call_id, self.caller, action.language, action.reason)
+        except Exception as exc:
+            log.error("call %s: callback not stored: %s", self.call_id, exc)
+            self._enqueue("event", CallbackFailed(self._now_ms, str(exc)))
 
     def _start_recording(self, action: StartRecording) -> None:
         if self.store is None:
@@ -495,12 +685,30 @@ class CallSession:
                         action.kind)
             ticket = "0"
         else:
-            ticket = self.store.open_ticket(self.call_id, self.caller, action.language,
-                                            action.kind)
+            try:
+                ticket = self.store.open_ticket(self.call_id, self.caller, action.language,
+                                                action.kind)
+            except Exception as exc:
+                log.error("call %s: no ticket for the %s message: %s", self.call_id,
+                          action.kind, exc)
+                self._enqueue("event", TicketFailed(self._now_ms, str(exc)))
+                return
         at = self.started_at or dt.datetime.now(dt.UTC)
         path = self.core.message_path(ticket, action.kind, at)
+        try:
+            recorder = MessageRecorder(path, self.sample_rate)
+        except OSError as exc:
+            log.error("call %s: cannot record the %s message to %s: %s", self.call_id,
+                      action.kind, path, exc)
+            if self.store is not None:
+                try:
+                    self.store.close_ticket(ticket, None, 0.0, 0.0, "failed")
+                except Exception:
+                    log.exception("call %s: ticket %s not closed", self.call_id, ticket)
+            self._enqueue("event", TicketFailed(self._now_ms, str(exc)))
+            return
         self._ticket = ticket
-        self._recorder = MessageRecorder(path, self.sample_rate)
+        self._recorder = recorder
         self._record_max_ms = action.max_ms
         log.info("call %s recording %s message, ticket %s -> %s", self.call_id, action.kind,
                  ticket, path)
@@ -515,8 +723,11 @@ class CallSession:
             log.error("call %s: message %s not saved: %s", self.call_id, self._ticket, exc)
             path = None
         if self.store is not None:
-            self.store.close_ticket(self._ticket, str(path) if path else None, rec.duration_ms,
-                                    rec.speech_ms, reason)
+            try:
+                self.store.close_ticket(self._ticket, str(path) if path else None,
+                                        rec.duration_ms, rec.speech_ms, reason)
+            except Exception as exc:
+                log.error("call %s: ticket %s not closed: %s", self.call_id, self._ticket, exc)
         if reason != "hangup" and not self.ended.is_set():
             self._enqueue("event", RecordingSaved(self._now_ms, self._ticket, rec.duration_ms,
                                                   rec.speech_ms, reason))
@@ -530,26 +741,92 @@ class CallSession:
         self._dispatch(SpeechRecognized(self._now_ms, lang, res.text, res.confidence, None,
                                         res.confidence, ev.end_ms))
 
-    def _play(self, play: Play) -> None:
+    def _play(self, play: Play, now: bool = False) -> bool:
+        """Queue a play; texts not yet rendered are rendered on the render thread and the
+        play (and any after it) waits for them. False if nothing could be queued."""
         if any(p.key == "welcome" for p in play.prompts):
             self._notice_play = play.play_id
+        if now:
+            return self._enqueue_play(play, render=True)
+        self._deferred.append(play)
+        self._flush_deferred()
+        return True
+
+    def _flush_deferred(self) -> None:
+        """Hand the plays whose audio is ready to the player, in order."""
+        while self._deferred:
+            missing = self._missing_audio(self._deferred[0])
+            if missing:
+                self._render_later(missing)
+                return
+            self._enqueue_play(self._deferred.pop(0))
+
+    def _missing_audio(self, play: Play) -> list[Prompt]:
+        try:
+            return [p for p in play.prompts
+                    if p.key != BEEP and self.core.prompts.cached(p.text, p.voice) is None]
+        except Exception:
+            # The cache itself failed: drop the play, or every play after it would wait
+            # behind it for ever; the error goes on to the fault path.
+            self._deferred.remove(play)
+            raise
+
+    def _render_later(self, prompts: list[Prompt]) -> None:
+        """Render on the render thread; come back through the queue when done."""
+        if self._rendering:
+            return
+        self._rendering = True
+        self._hold()
+        cache = self.core.prompts
+
+        def work() -> None:
+            try:
+                for p in prompts:
+                    try:
+                        cache.render_dynamic(p.text, p.voice)
+                    except Exception:
+                        log.exception("call %s: cannot render %r", self.call_id, p.text[:60])
+            finally:
+                self._rendering = False
+                self._enqueue("rendered", None)
+                self._release_hold()
+
+        try:
+            _RENDER_POOL.submit(work)
+        except RuntimeError:  # shutting down: say what can be said
+            self._rendering = False
+            self._release_hold()
+
+    def _enqueue_play(self, play: Play, render: bool = False) -> bool:
         gap = np.zeros(self.sample_rate * PROMPT_GAP_MS // 1000, dtype=np.int16)
         parts: list[np.ndarray] = []
         marks: list[tuple[int, object]] = []
         offset = 0
-        for i, prompt in enumerate(play.prompts):
+        for prompt in play.prompts:
             if prompt.key == BEEP:
-                audio = beep(self.sample_rate)
+                audio: np.ndarray | None = beep(self.sample_rate)
             else:
-                audio = self.core.prompts.get(prompt.text, prompt.voice)
+                audio = self.core.prompts.cached(prompt.text, prompt.voice)
+                if audio is None and render:
+                    try:
+                        audio = self.core.prompts.render_dynamic(prompt.text, prompt.voice)
+                    except Exception:
+                        log.exception("call %s: cannot render %r", self.call_id, prompt.key)
+                if audio is None:
+                    # Rendering failed: leave the prompt out rather than the whole play.
+                    log.error("call %s: prompt %s has no audio; skipped", self.call_id,
+                              prompt.key)
+                    continue
                 audio = resample(audio, self.core.prompts.sample_rate, self.sample_rate)
-            if i:
+            if parts:
                 parts.append(gap)
                 offset += len(gap)
             marks.append((offset, (play.play_id, prompt)))
             parts.append(audio)
             offset += len(audio)
+        # Even an empty play is queued (a gap): its PromptFinished moves the engine on.
         self.player.enqueue(play.play_id, np.concatenate(parts) if parts else gap, marks)
+        return bool(parts)
 
     def _listen(self, listen: Listen) -> None:
         self.listen = listen
@@ -595,7 +872,12 @@ class CallSession:
                  None if turn.confidence is None else round(turn.confidence, 3), turn.option,
                  turn.result, None if turn.latency_ms is None else round(turn.latency_ms))
         if self._on_turn is not None:
-            self._on_turn(turn)
+            try:
+                self._on_turn(turn)
+            except Exception as exc:
+                log.error("call %s: turn not stored: %s", self.call_id, exc)
+                if not self.ended.is_set():
+                    self._enqueue("event", StoreFailed(self._now_ms, str(exc)))
 
     def _finish(self, result: str) -> None:
         if self.ended.is_set():
@@ -605,6 +887,7 @@ class CallSession:
             self._stop_recording("hangup")  # the caller left mid-message: keep what was said
         self._flush_turns(final=True)
         self.player.stop()
+        self._deferred.clear()
         self.listen = None
         self.ended.set()
 

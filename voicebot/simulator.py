@@ -65,7 +65,8 @@ class Simulator:
 
     at: wall-clock time of the call (sets working hours); language: start at its home menu.
     barge_in_ms: when set, the caller starts each input this long into the prompt instead
-    of waiting for it to end. transfer_fails: the operator transfer fails (busy line).
+    of waiting for it to end. transfer_fails: the operator transfer fails (busy line);
+    transfer_silent: the far end never answers the transfer request (a REFER lost).
     """
 
     def __init__(self, core: VoiceCore, inputs: Sequence[CallerInput], at: dt.datetime,
@@ -73,13 +74,14 @@ class Simulator:
                  transfer_fails: bool = False, sample_rate: int = 8000,
                  record: Path | None = None, reply_pause_ms: int = 400,
                  max_call_ms: int = 15 * 60 * 1000, store: Store | None = None,
-                 caller: str = "simulator") -> None:
+                 caller: str = "simulator", transfer_silent: bool = False) -> None:
         self.core = core
         self.inputs = list(inputs)
         self.at = at
         self.language = language
         self.barge_in_ms = barge_in_ms
         self.transfer_fails = transfer_fails
+        self.transfer_silent = transfer_silent
         self.rate = sample_rate
         self.record = record
         self.reply_pause_ms = reply_pause_ms
@@ -142,7 +144,7 @@ class Simulator:
         if isinstance(action, Transfer):
             if self.transfer_fails:
                 session.post(TransferFailed(session.player.tx_ms, "busy"))
-            else:
+            elif not self.transfer_silent:
                 self._transferred = True
 
     def run(self) -> SimResult:
