@@ -1,7 +1,9 @@
 """The bot on real SIP: `voicebot serve` answered by the `voicebot call` softphone (pjsua2).
 
 Calls run in parallel where they can (one worker holds 4 calls) because each lasts as
-long as its prompts do. Every test finds its calls by SIP Call-ID in the bot's store.
+long as its prompts do. What the caller heard is judged from the caller's side: the
+softphone (`voicebot call --heard`) finds the prompts in the audio it received over G.711
+(voicebot.heard); the bot's store (by SIP Call-ID) tells what the bot decided.
 """
 
 from __future__ import annotations
@@ -31,9 +33,29 @@ def bot(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-de
     assert b.stop() == 0, b.log()[-3000:]
 
 
-def turns(out: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
+def _objects(out: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
     assert out.returncode == 0, out.stderr[-3000:]
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def turns(out: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
+    """The per-turn objects of `voicebot call --json`."""
+    return [o for o in _objects(out) if not isinstance(o.get("heard"), list)]
+
+
+def heard(out: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
+    """What the caller heard (`--heard`): prompts found in the received audio, in order."""
+    (obj,) = [o for o in _objects(out) if isinstance(o.get("heard"), list)]
+    return list(obj["heard"])
+
+
+def prompts_heard(out: subprocess.CompletedProcess[str]) -> list[tuple[str, str, bool]]:
+    """(key, language, heard whole) of every prompt the caller heard; unknown speech left out."""
+    return [(h["key"], h["language"], h["whole"]) for h in heard(out) if h["key"]]
+
+
+LANGUAGE_MENU = [("welcome", "az", True)] + [("language_item", lang, True)
+                                             for lang in ("az", "ru", "en", "ko")]
 
 
 def record_of(bot: Bot, out: subprocess.CompletedProcess[str]) -> CallRecord:
@@ -55,12 +77,15 @@ def assert_recording(rec: CallRecord, min_s: float = 2.0) -> None:
 
 
 def test_dtmf_navigation_in_three_languages_and_korean_speech(bot: Bot, grammars: Grammars):
-    """az, ru, en by RFC 4733 keys, and Korean spoken selection over RTP, four calls at once."""
+    """az, ru, en by RFC 4733 keys, and Korean spoken selection over RTP, four calls at once.
+
+    The caller must hear the language menu, then the main menu and the hours (or the info
+    menu) in the chosen language, whole: found in the audio that reached the phone."""
     jobs = {
-        "az": ("--press", "1", "--press", "2", "--json"),
-        "ru": ("--press", "2", "--press", "2", "--json"),
-        "en": ("--press", "3", "--press", "2", "--json"),
-        "ko": ("--press", "4", "--say", "정보", "--json"),
+        "az": ("--press", "1", "--press", "2", "--json", "--heard"),
+        "ru": ("--press", "2", "--press", "2", "--json", "--heard"),
+        "en": ("--press", "3", "--press", "2", "--json", "--heard"),
+        "ko": ("--press", "4", "--say", "정보", "--json", "--heard"),
     }
     with ThreadPoolExecutor(len(jobs)) as pool:
         futures = {lang: pool.submit(bot.call, *args) for lang, args in jobs.items()}
@@ -72,6 +97,11 @@ def test_dtmf_navigation_in_three_languages_and_korean_speech(bot: Bot, grammars
         assert second["prompt"] == "hours" and second["language"] == lang
         # The caller heard the hours in the chosen language (the pack's own words).
         assert second["prompt_text"].split()[0] in grammars.packs[lang].prompts["hours"]
+        # From the caller's side: the language menu, the main menu and the hours, each whole
+        # and in the chosen language (the main menu's re-prompt may follow before hang-up).
+        got = prompts_heard(outs[lang])
+        assert got[:7] == [*LANGUAGE_MENU, ("main_menu", lang, True), ("hours", lang, True)], got
+        assert not [h for h in heard(outs[lang]) if h["key"] is None], heard(outs[lang])
         rec = record_of(bot, outs[lang])
         assert rec.language == lang and rec.path == [f"lang.{lang}", "main.hours"]
         assert rec.result == "completed" and rec.ended_at and rec.answered_at
@@ -80,6 +110,10 @@ def test_dtmf_navigation_in_three_languages_and_korean_speech(bot: Bot, grammars
     assert first["option"] == "lang.ko"
     assert spoken["input"] == "speech" and spoken["heard"] == "정보"
     assert spoken["option"] == "main.info" and spoken["confidence"] >= 0.7
+    got = prompts_heard(outs["ko"])
+    # Korean has speech: the main menu is followed by the hint that one may speak.
+    assert got[:8] == [*LANGUAGE_MENU, ("main_menu", "ko", True), ("speech_hint", "ko", True),
+                       ("info_menu", "ko", True)], got
     rec = record_of(bot, outs["ko"])
     assert rec.language == "ko" and rec.path == ["lang.ko", "main.info"]
 
@@ -91,13 +125,22 @@ def test_barge_in_over_sip_stops_the_prompt(bot: Bot, tmp_path: Path):
         spoken = pool.submit(bot.call, "--press", "4", "--say", "정보", "--barge-in", "--json",
                              "--record", str(wav))
         keyed = pool.submit(bot.call, "--press", "3", "--press", "1", "--press", "2",
-                            "--barge-in", "--json")
+                            "--barge-in", "--json", "--heard")
         spoken_out, keyed_out = spoken.result(), keyed.result()
     _, said = turns(spoken_out)
     assert said["heard"] == "정보" and said["option"] == "main.info" and said["barge_in"]
     _, info, stay = turns(keyed_out)
     assert info["option"] == "main.info" and info["barge_in"]
     assert stay["option"] == "info.temporary_residence" and stay["barge_in"]
+    # The caller heard the main and info menus cut short by the keys, then the answer whole.
+    got = prompts_heard(keyed_out)
+    assert got[:5] == LANGUAGE_MENU, got
+    assert got[5:8] == [("main_menu", "en", False), ("info_menu", "en", False),
+                        ("info_temporary_residence", "en", True)], got
+    cut = [h for h in heard(keyed_out) if h["key"] in ("main_menu", "info_menu")][:2]
+    # Keys go 1.5 s into each prompt (counted from where the softphone heard it start): each
+    # was heard about that long and stopped well before its end (both last over 18 s).
+    assert all(h["fraction"] < 0.4 and 1000 <= h["duration_ms"] <= 7000 for h in cut), cut
     assert wav.exists() and wav.stat().st_size > 8000
 
 
@@ -123,11 +166,13 @@ def test_wrong_number_and_dead_uri(bot: Bot):
 
 
 def test_busy_at_the_call_limit_then_polite_sigterm(tmp_path: Path):
-    """A one-call bot answers 486 to a second call; SIGTERM ends the call politely, exit 0."""
+    """A one-call bot answers 486 to a second call; SIGTERM ends the call politely, exit 0:
+    the caller hears the goodbye (`call_ending`) whole before the bot hangs up."""
     b = start_bot(tmp_path, extra="[sip]\nmax_calls = 1\n")
     try:
         first = subprocess.Popen([VOICEBOT, "--config", str(b.config_path), "call", b.uri,
-                                  "--press", "3", "--silent", "--silent", "--silent", "--json"],
+                                  "--press", "3", "--silent", "--silent", "--silent", "--json",
+                                  "--heard"],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 30
         while not any(r.answered_at for r in b.calls()) and time.monotonic() < deadline:
@@ -136,8 +181,14 @@ def test_busy_at_the_call_limit_then_polite_sigterm(tmp_path: Path):
         assert busy.returncode == 1 and "486" in busy.stderr, busy.stderr
         time.sleep(1.0)
         assert b.stop(signal.SIGTERM) == 0
-        first.communicate(timeout=60)
+        stdout, stderr = first.communicate(timeout=60)
+        caller = subprocess.CompletedProcess(first.args, first.returncode, stdout, stderr)
+        got = prompts_heard(caller)
         (rec,) = b.calls()
+        # SIGTERM stops whatever was playing (the welcome or a menu, as timing has it); the
+        # goodbye is the last thing the caller heard, in the call's language, whole.
+        assert got[0][:2] == ("welcome", "az"), got
+        assert got[-1] == ("call_ending", rec.language or "az", True), heard(caller)
         assert rec.ended_at and rec.ended_by == "bot" and rec.reason == "shutdown"
         assert rec.result in ("completed", "abandoned")
         assert "event=ended" in b.log() and "stopping" in b.log()

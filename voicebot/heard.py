@@ -38,13 +38,21 @@ from .frames import resample
 log = logging.getLogger(__name__)
 
 RATE = 8000  # the telephone band: every match runs at 8 kHz
-HEAD_MS = 500  # the part of a prompt searched for everywhere
+HEAD_MS = 400  # the part of a prompt searched for everywhere
 BLOCK = 1 << 15  # FFT size of the head search (4.1 s of audio at 8 kHz)
-HEAD_NCC = 0.6  # a head scoring this much (normalised, -1..1) is a candidate
+# A head scoring this much (normalised, -1..1) is a candidate. Low, because a jitter buffer
+# that changes its delay inside the head (it does, in 10 ms steps, under load) splits it into
+# two parts each aligned at another lag; the extension rejects what is not the prompt.
+HEAD_NCC = 0.45
 WINDOW_MS = 200  # extension step
 WINDOW_NCC = 0.6  # a window of the prompt scoring this much still matches
-DRIFT_MS = 40  # how far one window may slide against the previous (jitter buffer)
-MAX_MISSES = 2  # consecutive failing windows that end a match
+DRIFT_MS = 80  # how far one window may slide against the previous (jitter buffer steps)
+# A window that fails is looked for this far around: the bot's playback may stall for a few
+# frames under load, or the jitter buffer jump by more than one step at once.
+RESYNC_MS = 400
+MAX_MISSES = 2  # consecutive failing windows (even after the wide search) end a match
+MIN_SCORE = 0.8  # a match's mean window score: below, it is some other speech
+MIN_WINDOWS = 2  # windows a match needs, unless it covers the whole (short) prompt
 QUIET_DBFS = -45.0  # template windows quieter than this (pauses) are neither match nor miss
 WHOLE = 0.95  # heard this much of a prompt: heard whole (the last window may be clipped)
 UNKNOWN_MIN_MS = 300  # shorter unexplained speech is not reported
@@ -187,6 +195,7 @@ class PromptMatcher:
         t = self._audio[ti]
         w = RATE * WINDOW_MS // 1000
         drift = RATE * DRIFT_MS // 1000
+        resync = RATE * RESYNC_MS // 1000
         quiet = 10 ** (QUIET_DBFS / 10)
         shift = 0  # received position of template sample o is lag + o + shift
         misses = 0
@@ -201,37 +210,52 @@ class PromptMatcher:
             t_e = float(np.dot(tw, tw))
             if t_e / len(tw) < quiet:
                 continue  # a pause in the prompt says nothing about a match
-            lo = max(0, lag + o + shift - drift)
-            hi = min(len(x), lag + o + shift + drift + len(tw))
-            if hi - lo < len(tw):
+            at = lag + o + shift
+            if at + len(tw) > len(x):
                 break  # the received audio ends here
-            seg = x[lo:hi]
-            corr = signal.correlate(seg, tw, mode="valid")
-            seg_e = energy[lo + len(tw):hi + 1] - energy[lo:hi - len(tw) + 1]
-            ncc = corr / (np.sqrt(t_e * np.maximum(seg_e, 1e-12)))
-            ncc[seg_e / len(tw) < quiet] = 0.0
-            k = int(np.argmax(ncc))
-            if ncc[k] >= WINDOW_NCC:
-                shift = lo + k - lag - o
+            found = self._window(x, energy, tw, t_e, at, drift)
+            if found is None or found[1] < WINDOW_NCC:
+                found = self._window(x, energy, tw, t_e, at, resync)
+            if found is not None and found[1] >= WINDOW_NCC:
+                pos, score = found
+                shift = pos - lag - o
                 misses = 0
-                scores.append(float(ncc[k]))
+                scores.append(score)
                 last_end = o + len(tw)
-                last_x = lo + k + len(tw)
+                last_x = pos + len(tw)
                 if first_x is None:
-                    first_x = lo + k - o
+                    first_x = pos - o
             else:
                 misses += 1
                 if misses >= MAX_MISSES:
                     break
-        if not scores or first_x is None:
+        if not scores or first_x is None or float(np.mean(scores)) < MIN_SCORE:
             return None
         tpl = self.templates[ti]
         frac = min(1.0, last_end / len(t))
         if len(t) - last_end < w:  # the tail window may be shorter than a whole one
             frac = 1.0
+        if len(scores) < MIN_WINDOWS and frac < 1.0:
+            return None
         return Heard(tpl.key, tpl.language, 1000.0 * first_x / RATE,
                      1000.0 * (last_x - first_x) / RATE, frac, float(np.mean(scores)),
                      tpl.dynamic)
+
+    @staticmethod
+    def _window(x: np.ndarray, energy: np.ndarray, tw: np.ndarray, t_e: float, at: int,
+                drift: int) -> tuple[int, float] | None:
+        """Best (position, score) of template window ``tw`` within ``drift`` of ``at``."""
+        lo = max(0, at - drift)
+        hi = min(len(x), at + drift + len(tw))
+        if hi - lo < len(tw):
+            return None
+        seg = x[lo:hi]
+        corr = signal.correlate(seg, tw, mode="valid")
+        seg_e = energy[lo + len(tw):hi + 1] - energy[lo:hi - len(tw) + 1]
+        ncc = corr / np.sqrt(t_e * np.maximum(seg_e, 1e-12))
+        ncc[seg_e / len(tw) < 10 ** (QUIET_DBFS / 10)] = 0.0
+        k = int(np.argmax(ncc))
+        return lo + k, float(ncc[k])
 
     @staticmethod
     def _resolve(matches: Sequence[Heard]) -> list[Heard]:
