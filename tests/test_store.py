@@ -28,7 +28,7 @@ import pytest
 from voicebot.config import load_config
 from voicebot.dialog import Turn
 from voicebot.errors import VoicebotError
-from voicebot.store import Store, StoreUnavailable
+from voicebot.store import CallRecord, Store, StoreUnavailable
 
 BAKU = ZoneInfo("Asia/Baku")
 
@@ -315,6 +315,12 @@ def test_postgresql_outage_loses_nothing(postgres: Cluster, tmp_path: Path) -> N
             store.calls(last=5)
         with pytest.raises(StoreUnavailable):
             store.application("12345")
+        from sipbot import VOICEBOT, write_config
+
+        cfg_path = write_config(tmp_path / "bot", 5999, extra=f'[store]\ndsn = "{postgres.dsn}"')
+        listing = subprocess.run([VOICEBOT, "--config", str(cfg_path), "calls"],
+                                 capture_output=True, text=True, timeout=60)
+        assert listing.returncode == 2 and "does not answer" in listing.stderr, listing
         assert store.pending >= 40
         ctx = mp.get_context("spawn")
         parent, conn = ctx.Pipe()
@@ -338,6 +344,11 @@ def test_postgresql_outage_loses_nothing(postgres: Cluster, tmp_path: Path) -> N
             other.close()
         dead = [f"dead-{i}" for i in range(2)]
         _check_calls(recs, before + during + dead)
+        listing = subprocess.run([VOICEBOT, "--config", str(cfg_path), "calls", "--json"],
+                                 capture_output=True, text=True, timeout=60)
+        assert listing.returncode == 0, listing.stderr
+        _check_calls([CallRecord(**json.loads(ln)) for ln in listing.stdout.splitlines()],
+                     before + during + dead)
         assert [r.id for r in recs if r.id.startswith(("pre-", "out-"))] == (
             before + during)[::-1]
         assert not journals[0].exists()

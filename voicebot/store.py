@@ -356,8 +356,9 @@ class Store:
                                              tcp_user_timeout=10000)
             except self._transient() as exc:
                 raise StoreUnavailable(f"the call store at {self.name} does not answer "
-                                       f"({str(exc).strip()}); calls go on and their records "
-                                       "wait in the spool until it is back") from None
+                                       f"({str(exc).strip()}); start it or check [store] dsn "
+                                       "(calls go on: their records wait in the spool)"
+                                       ) from None
         assert self.path is not None
         try:
             conn = sqlite3.connect(str(self.path), timeout=5.0, check_same_thread=False,
