@@ -521,16 +521,37 @@ class Store:
 
     def _put(self, op: dict[str, Any]) -> None:
         with self._cv:
-            self._queue.append(op)
-            self._cv.notify()
+            if not self._stop:
+                self._queue.append(op)
+                self._cv.notify()
+                return
+        self._late(op)
+
+    def _late(self, op: dict[str, Any]) -> None:
+        """A write after close (a call finishing while the process stops): straight to a
+        journal of its own, unlocked, so the next process to start replays it."""
+        if self.spool is None:
+            log.error("store: closed, record lost: %s", json.dumps(op, ensure_ascii=False))
+            return
+        path = self.spool / f"{self.host}-{os.getpid()}-late{next(_SERIAL)}.jsonl"
+        try:
+            with path.open("ab") as f:
+                f.write(json.dumps(op, ensure_ascii=False).encode() + b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+            log.warning("store: record after close kept in %s for the next start", path)
+        except OSError as exc:
+            log.error("store: closed and %s not writable (%s), record lost: %s", path, exc,
+                      json.dumps(op, ensure_ascii=False))
 
     def call_started(self, call_id: str, sip_call_id: str | None, caller: str | None,
                      dialled: str | None, worker: int | None = None,
                      started_at: str | dt.datetime | None = None) -> None:
         """A new call; started_at: any tz-aware time (datetime or ISO text), default now."""
-        self._calls[call_id] = _Call()
-        while len(self._calls) > 2000:
-            self._calls.popitem(last=False)
+        with self._num_lock:
+            self._calls[call_id] = _Call()
+            while len(self._calls) > 2000:
+                self._calls.popitem(last=False)
         self._put({"op": "call_started", "id": call_id, "sip_call_id": sip_call_id,
                    "worker": worker, "caller": caller, "dialled": dialled,
                    "started_at": utc(started_at) or now(), "host": self.host})
@@ -540,19 +561,22 @@ class Store:
 
     def add_turn(self, call_id: str, turn: Turn) -> None:
         """Store a turn and extend the call's path at once."""
-        c = self._calls.get(call_id)
-        if c is None:
-            c = self._calls[call_id] = _Call()
-        c.seq += 1
-        if turn.option:
-            c.path.append(turn.option)
-        self._put({"op": "turn", "call_id": call_id, "seq": c.seq, "t_ms": turn.t_ms,
+        with self._num_lock:
+            c = self._calls.get(call_id)
+            if c is None:
+                c = self._calls[call_id] = _Call()
+            c.seq += 1
+            if turn.option:
+                c.path.append(turn.option)
+            path = list(c.path) if turn.option else None
+            seq = c.seq
+        self._put({"op": "turn", "call_id": call_id, "seq": seq, "t_ms": turn.t_ms,
                    "node": turn.node, "language": turn.language, "input": turn.input,
                    "heard": turn.heard, "confidence": turn.confidence, "option": turn.option,
                    "result": turn.result, "prompt": turn.prompt,
                    "prompt_text": turn.prompt_text, "barge_in": int(turn.barge_in),
                    "latency_ms": turn.latency_ms, "created_at": now(),
-                   "path": list(c.path) if turn.option else None})
+                   "path": path})
 
     def call_ended(self, call_id: str, result: str, language: str | None,
                    recording: str | None, ended_by: str, reason: str = "") -> None:
