@@ -32,6 +32,7 @@ import socket
 import sqlite3
 import threading
 import time
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from contextlib import suppress
@@ -146,6 +147,20 @@ BATCH = 500  # operations per database transaction
 JOURNAL_COMPACT_BYTES = 256 * 1024
 READ_WAIT_S = 3.0  # how long a read waits for this process's queued writes
 _SERIAL = itertools.count(1)
+_OPEN: weakref.WeakSet[Store] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A forked worker must not keep its parent's journals locked (a journal is replayed
+    once nobody holds it) and has none of the parent's store threads."""
+    for store in list(_OPEN):
+        if store._jfd is not None:
+            with suppress(OSError):
+                os.close(store._jfd)
+            store._jfd = None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class StoreUnavailable(VoicebotError):
@@ -318,6 +333,7 @@ class Store:
         self._writer = threading.Thread(target=self._run, name="store-writer", daemon=True)
         self._jthread.start()
         self._writer.start()
+        _OPEN.add(self)
 
     @classmethod
     def from_config(cls, cfg: Any) -> Store:
