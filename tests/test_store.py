@@ -47,6 +47,7 @@ def _writer(target: dict[str, str], worker: int, calls: int) -> None:
         store.call_answered(cid)
         store.add_turn(cid, _turn(1, "lang.en"))
         store.add_turn(cid, _turn(2, "main.hours"))
+        store.open_ticket(cid, None, "en", "complaint")  # numbered locally, no round trip
         store.call_ended(cid, "completed", "en", f"/rec/{cid}.wav", "caller")
     store.close()
 
@@ -70,6 +71,10 @@ def check_many_writers(target: dict[str, str]) -> None:
             assert r.ended_at and r.answered_at and r.language == "en"
         (one,) = store.calls(sip_call_id="sip-w1-3")
         assert one.id == "w1-3" and one.worker == 1
+        # Ticket numbers from three processes: unique, said digit by digit (>= 6 digits).
+        tickets = [t["ticket"] for t in store.tickets() if t["call_id"].startswith("w")]
+        assert len(tickets) == len(set(tickets)) == 45
+        assert all(t.isdigit() and len(t) >= 6 for t in tickets)
     finally:
         store.close()
 

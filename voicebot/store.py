@@ -301,6 +301,7 @@ class Store:
         self._block: int | None = None
         self._next = BLOCK_SIZE
         self._offline: int | None = None
+        self._numbering = False  # set by the first write that may need numbers
         # Turn numbers and paths of the calls this process writes (bounded: calls end).
         self._calls: OrderedDict[str, _Call] = OrderedDict()
         # The write queue, shared with the writer thread.
@@ -321,7 +322,6 @@ class Store:
         try:
             with self._lock:
                 self._read_conn()
-                self._lease_blocks_on(self._rconn, 2)
         except StoreUnavailable as exc:
             # Calls go on without the database: writes wait in the journal.
             log.warning("%s", exc)
@@ -490,8 +490,8 @@ class Store:
         """Lease blocks until ``want`` are in hand (one INSERT each, on ``conn``)."""
         while True:
             with self._num_lock:
-                have = len(self._blocks) + (self._block is not None and
-                                            self._next < BLOCK_SIZE)
+                have = len(self._blocks) + (self._block is not None and self._block >= 0
+                                            and self._next < BLOCK_SIZE)
             if have >= want:
                 return
             cur = conn.cursor()
@@ -524,8 +524,10 @@ class Store:
                 x = (int(time.time()) % 10_000) * 100 + os.getpid() % 100
                 self._offline = OFFLINE_BASE // BLOCK_SIZE + x
                 self._block, self._next = -1, 0
-                log.warning("store: no number block leased (database not reached): "
-                            "numbering from %d000", self._offline)
+                log.warning("store: no number block leased yet (the database has not "
+                            "answered since the first call): numbering from %d000",
+                            self._offline)
+                self._numbering = True
             n = self._next
             self._next += 1
             if self._block == -1:
@@ -539,7 +541,9 @@ class Store:
         with self._cv:
             if not self._stop:
                 self._queue.append(op)
-                self._cv.notify()
+                # Both threads (and flush) wait on this condition: notify() could wake the
+                # writer instead of the journal thread and leave the record queued.
+                self._cv.notify_all()
                 return
         self._late(op)
 
@@ -564,6 +568,7 @@ class Store:
                      dialled: str | None, worker: int | None = None,
                      started_at: str | dt.datetime | None = None) -> None:
         """A new call; started_at: any tz-aware time (datetime or ISO text), default now."""
+        self._numbering = True  # a call may open a ticket or queue a callback: lease ahead
         with self._num_lock:
             self._calls[call_id] = _Call()
             while len(self._calls) > 2000:
@@ -888,7 +893,13 @@ class Store:
                     if not self._pending and (not self._journal_ok or big or (
                             quiet and self._journal_bytes)):
                         self._journal_write([], rewrite=True)
-                self._lease_blocks_on(self._wconnect(), 2)
+                if self._numbering:
+                    # One block in hand, a spare once it is half used: leased here, in the
+                    # background, long before the first ticket (the first call starts it).
+                    with self._num_lock:
+                        half = self._block is not None and self._block >= 0 and (
+                            self._next > BLOCK_SIZE // 2)
+                    self._lease_blocks_on(self._wconnect(), 2 if half else 1)
                 if down_since is not None:
                     log.warning("store: the database answers again after %.1f s",
                                 time.monotonic() - down_since)
