@@ -318,6 +318,8 @@ class Store:
         self._jfd: int | None = None
         self._journal_ok = False
         self._journal_bytes = 0
+        self._unjournalled: list[dict[str, Any]] = []  # in memory only (the disk was full)
+        self._full_logged = -1e9
         self._wconn: Any = None
         try:
             with self._lock:
@@ -703,34 +705,64 @@ class Store:
                       "database takes them", self.spool, exc)
             self._journal_ok = False
 
-    def _journal_write(self, ops: Sequence[dict[str, Any]], rewrite: bool = False) -> None:
-        """Append ``ops`` (or, ``rewrite``, replace the journal by them), fsync'd. A full
-        disk switches to memory: the journal is then rewritten whole once there is room."""
-        if self._jfd is None or (not self._journal_ok and not rewrite):
+    def _journal_write(self, ops: Sequence[dict[str, Any]]) -> None:
+        """Append ``ops`` to the journal, fsync'd (caller holds ``_jlock``). On a full disk
+        they, and every later record, wait in memory (``_unjournalled``, in order) until
+        :meth:`_journal_retry` finds room; what the journal held stays in it."""
+        if self._jfd is None:
             return
+        if not self._journal_ok:
+            self._unjournalled.extend(ops)
+            return
+        if not self._append(ops):
+            self._unjournalled.extend(ops)
+
+    def _append(self, ops: Sequence[dict[str, Any]]) -> bool:
+        assert self._jfd is not None
         data = b"".join(json.dumps(op, ensure_ascii=False, separators=(",", ":")).encode()
                         + b"\n" for op in ops)
         try:
-            if rewrite:
-                os.ftruncate(self._jfd, 0)
-                self._journal_bytes = 0
             view = memoryview(data)
             while view:
                 n = os.write(self._jfd, view)
                 view = view[n:]
             os.fsync(self._jfd)
-            self._journal_bytes += len(data)
-            if not self._journal_ok:
-                log.warning("store: journal %s writable again (%d records)", self._journal,
-                            len(ops))
-            self._journal_ok = True
         except OSError as exc:
-            if self._journal_ok:
-                log.error("store: journal %s: %s; records wait in memory until the database "
-                          "takes them", self._journal, exc)
+            if self._journal_ok and time.monotonic() - self._full_logged > 60:
+                # Once a minute at most: with the database up, the journal empties and
+                # fails again on every batch while the disk stays full.
+                self._full_logged = time.monotonic()
+                log.error("store: journal %s: %s; records wait in memory until there is room "
+                          "or the database takes them", self._journal, exc)
             self._journal_ok = False
             with suppress(OSError):  # drop a torn line; the records are in memory
                 os.ftruncate(self._jfd, self._journal_bytes)
+            return False
+        self._journal_bytes += len(data)
+        return True
+
+    def _journal_retry(self) -> None:
+        """After a full disk: append the records kept in memory once there is room."""
+        if self._jfd is None or self._journal_ok or not self._unjournalled:
+            return
+        self._journal_ok = True  # let _append try (it turns it back off on failure)
+        if self._append(self._unjournalled):
+            log.warning("store: journal %s writable again (%d records from memory)",
+                        self._journal, len(self._unjournalled))
+            self._unjournalled = []
+
+    def _journal_empty(self) -> None:
+        """Everything is in the database: empty the journal (caller holds ``_jlock``)."""
+        self._unjournalled = []
+        if self._jfd is None:
+            return
+        try:
+            os.ftruncate(self._jfd, 0)
+            os.fsync(self._jfd)
+            self._journal_bytes = 0
+            self._journal_ok = True
+        except OSError as exc:
+            log.error("store: journal %s cannot be emptied: %s", self._journal, exc)
 
     def _wconnect(self) -> Any:
         if self._wconn is None:
@@ -892,7 +924,7 @@ class Store:
                     big = self._journal_bytes > JOURNAL_COMPACT_BYTES
                     if not self._pending and (not self._journal_ok or big or (
                             quiet and self._journal_bytes)):
-                        self._journal_write([], rewrite=True)
+                        self._journal_empty()
                 if self._numbering:
                     # One block in hand, a spare once it is half used: leased here, in the
                     # background, long before the first ticket (the first call starts it).
@@ -913,11 +945,7 @@ class Store:
                               "in the %s", str(exc).strip(), len(self._pending),
                               "journal" if self._journal_ok else "memory")
                 with self._jlock:
-                    if not self._journal_ok:
-                        with self._cv:
-                            snapshot = list(self._pending)
-                        if snapshot:
-                            self._journal_write(snapshot, rewrite=True)  # room again?
+                    self._journal_retry()  # room on the disk again?
                 retry_at = time.monotonic() + delay
                 delay = min(RETRY_MAX_S, delay * 2)
                 if not dead_done:
@@ -933,7 +961,7 @@ class Store:
         with self._jlock, self._cv:
             left = list(self._pending)
             if left:
-                self._journal_write(left, rewrite=True)
+                self._journal_retry()
                 log.warning("store: %d record(s) not delivered at close; kept in %s for the "
                             "next start", len(left), self._journal if self._journal_ok else
                             "memory (the disk is full: they are lost with this process)")
