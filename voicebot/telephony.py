@@ -25,6 +25,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,18 @@ from typing import Any
 import numpy as np
 import pjsua2 as pj
 
+from . import wavfile
 from .config import Config, parse_hostport
-from .dialog import Action, CallerHungUp, EndCall, HangUp, Transfer, TransferFailed, Turn
+from .dialog import (
+    Action,
+    CallerHungUp,
+    EndCall,
+    HangUp,
+    StoreFailed,
+    Transfer,
+    TransferFailed,
+    Turn,
+)
 from .frames import AudioFrame
 from .session import CallSession, VoiceCore
 from .store import Store
@@ -43,6 +54,9 @@ log = logging.getLogger("voicebot.telephony")
 DTMF_METHODS = {0: "rfc4733", 1: "info"}
 PORT_GRACE_S = 2.0  # how long an ended call's media port is kept alive (s)
 GC_INTERVAL_S = 2.0  # cyclic garbage collection period on the pjsua2 thread (s)
+REC_STALL_S = 2.0  # a call recording that has not grown for this long is stopped (disk full)
+MAX_CALL_GRACE_S = 30.0  # past max_call_s by this much, a call is cut without the goodbye (s)
+SESSION_END_WAIT_S = 5.0  # how long a finisher waits for a hung-up call's session to end (s)
 CODEC_IDS = {"PCMU": "PCMU/8000/1", "PCMA": "PCMA/8000/1", "G722": "G722/16000/1"}
 
 
@@ -235,8 +249,27 @@ class _Cmd:
     arg: Any = None
 
 
+@dataclass
+class _Ending:
+    """What the finisher thread needs to complete an ended call's record (no pjsua2 in it)."""
+
+    call_id: str
+    session: CallSession | None
+    started: bool  # store.call_started went through: there is a record to complete
+    ended_by: str
+    reason: str
+    rec_part: Path | None
+    rec_path: Path | None
+    header_wait_s: float
+    rx_frames: int
+
+
 class BotCall(pj.Call):
-    """One call as pjsua2 sees it."""
+    """One call as pjsua2 sees it.
+
+    Every callback catches and logs its own exceptions: SWIG prints and swallows a Python
+    exception raised in a callback, which leaves what the callback had to do half done (a
+    call never reported ended, an INVITE never answered) without a word in our log."""
 
     def __init__(self, tel: Telephony, acc: pj.Account, call_pj_id: int) -> None:
         super().__init__(acc, call_pj_id)
@@ -253,38 +286,69 @@ class BotCall(pj.Call):
         self.recording_tried = False
         self.rec_part: Path | None = None
         self.rec_path: Path | None = None
+        self.rec_size = -1  # size of rec_part at the last look (bytes)
+        self.rec_grew_at = 0.0  # when rec_part last grew (monotonic s)
+        self.rec_stopped_at = 0.0  # recording stopped before the call ended (disk full)
         self.accepted = False
+        self.started = False  # the store has this call's start
         self.answered_at = 0.0
         self.last_rx_pkts = -1
         self.last_rx_change = time.monotonic()
         self.ended_by = "caller"
         self.reason = ""
         self.disconnected = False
+        self.finalized = False
         self.ending = False
 
     # --- pjsua2 callbacks (main thread) ---
 
     def onCallState(self, prm: Any) -> None:
-        info = self.getInfo()
-        if info.state == pj.PJSIP_INV_STATE_CONFIRMED and self.accepted:
-            self.answered_at = time.monotonic()
-            self.last_rx_change = self.answered_at
-            self.tel.log_event(self, "answered")
-            self.tel.store.call_answered(self.id)
-        elif info.state == pj.PJSIP_INV_STATE_DISCONNECTED:
-            self.disconnected = True
-            if (self.accepted and not self.answered_at and not self.reason
-                    and info.lastStatusCode == 408):
-                # Our 200 OK was never ACKed: PJSIP gave up (64*T1) and sent BYE itself.
-                self.reason = "no_ack"
-                self.ended_by = "bot"
-            self.tel.log_event(self, "disconnected", f"code={info.lastStatusCode} "
-                                                     f"reason={info.lastReason!r}")
-            self.tel.finished.put(self)
+        try:
+            info = self.getInfo()
+            state, code, why = info.state, int(info.lastStatusCode), str(info.lastReason)
+        except Exception as exc:
+            if self.isActive():
+                log.warning("call=%s call state unreadable: %s", self.id, exc)
+                return
+            state, code, why = pj.PJSIP_INV_STATE_DISCONNECTED, 0, ""
+        try:
+            if state == pj.PJSIP_INV_STATE_DISCONNECTED:
+                self._disconnected(code, why)
+            elif state == pj.PJSIP_INV_STATE_CONFIRMED and self.accepted and not self.answered_at:
+                self.answered_at = time.monotonic()
+                self.last_rx_change = self.answered_at
+                self.tel.log_event(self, "answered")
+                self.tel.store_write(self, "call_answered", self.tel.store.call_answered, self.id)
+        except Exception:
+            log.exception("call=%s onCallState failed", self.id)
+
+    def _disconnected(self, code: int, why: str) -> None:
+        if self.disconnected:
+            return
+        # First of all: the run loop must learn that the call is over, whatever fails next.
+        self.disconnected = True
+        self.tel.finished.put(self)
+        if self.accepted and not self.answered_at and not self.reason and code == 408:
+            # Our 200 OK was never ACKed: PJSIP gave up (64*T1) and sent BYE itself.
+            self.reason = "no_ack"
+            self.ended_by = "bot"
+        self.tel.log_event(self, "disconnected", f"code={code} reason={why!r}")
 
     def onCallMediaState(self, prm: Any) -> None:
-        if not self.accepted:
+        if not self.accepted or self.disconnected:
             return
+        try:
+            self._media_state()
+        except Exception as exc:
+            log.exception("call=%s media setup failed", self.id)
+            if self.session is None:
+                # Nothing will ever speak to this caller: hang up rather than leave them in
+                # silence until max_call_s.
+                self.ended_by = "bot"
+                self.reason = self.reason or f"media_error: {exc}"[:120]
+                self.tel.commands.put(_Cmd("hangup", self, 200))
+
+    def _media_state(self) -> None:
         info = self.getInfo()  # SWIG returns views: keep the info object, then read media
         for mi in info.media:
             if mi.type != pj.PJMEDIA_TYPE_AUDIO or mi.status not in (
@@ -298,36 +362,48 @@ class BotCall(pj.Call):
                 session = self.tel.core.session(self.id, rate, on_action=self._on_action,
                                                 on_turn=self._on_turn, store=self.tel.store,
                                                 caller=self.caller)
-                self.session = session
-                self.port = MediaPort(session.push_audio, session.pull_audio, rate,
-                                      f"vb-{self.id}")
-                self.port.create()
+                try:
+                    port = MediaPort(session.push_audio, session.pull_audio, rate,
+                                     f"vb-{self.id}")
+                    port.create()
+                except BaseException:
+                    session.close()
+                    raise
+                self.session, self.port = session, port
                 session.start(self.tel.clock(), None)
             # A re-INVITE may bring new media: (re)connect both directions.
+            assert self.port is not None
             audio.startTransmit(self.port)
-            self.port.startTransmit(audio)  # type: ignore[union-attr]
-            if self.recorder is not None and audio is not self.audio:
+            self.port.startTransmit(audio)
+            if self.recorder is not None:
                 audio.startTransmit(self.recorder)
             self.audio = audio
 
     def onDtmfDigit(self, prm: Any) -> None:
-        if self.session is not None:
-            method = DTMF_METHODS.get(int(prm.method), "rfc4733")
-            self.tel.log_event(self, "dtmf", f"digit={prm.digit} method={method}")
-            self.session.post_digit(str(prm.digit).upper(), method)
+        try:
+            if self.session is not None:
+                method = DTMF_METHODS.get(int(prm.method), "rfc4733")
+                self.tel.log_event(self, "dtmf", f"digit={prm.digit} method={method}")
+                self.session.post_digit(str(prm.digit).upper(), method)
+        except Exception:
+            log.exception("call=%s onDtmfDigit failed", self.id)
 
     def onCallTransferStatus(self, prm: Any) -> None:
-        code = int(prm.statusCode)
-        if not prm.finalNotify and code < 300:
-            return
-        if 200 <= code < 300:
-            self.tel.log_event(self, "transferred", f"code={code}")
-            self.ended_by = "transfer"
-            self.tel.commands.put(_Cmd("hangup", self, 200))
-        elif self.session is not None:
-            self.tel.log_event(self, "transfer_failed", f"code={code} reason={prm.reason!r}")
-            self.session.post(TransferFailed(self.session.player.tx_ms, f"{code} {prm.reason}"))
-        prm.cont = False
+        try:
+            code = int(prm.statusCode)
+            if not prm.finalNotify and code < 300:
+                return
+            if 200 <= code < 300:
+                self.tel.log_event(self, "transferred", f"code={code}")
+                self.ended_by = "transfer"
+                self.tel.commands.put(_Cmd("hangup", self, 200))
+            elif self.session is not None:
+                self.tel.log_event(self, "transfer_failed", f"code={code} reason={prm.reason!r}")
+                self.session.post(TransferFailed(self.session.player.tx_ms,
+                                                 f"{code} {prm.reason}"))
+            prm.cont = False
+        except Exception:
+            log.exception("call=%s onCallTransferStatus failed", self.id)
 
     # --- session callbacks (call worker thread): only enqueue or store ---
 
@@ -339,10 +415,10 @@ class BotCall(pj.Call):
             self.tel.commands.put(_Cmd("hangup", self, 200))
 
     def _on_turn(self, turn: Turn) -> None:
-        self.tel.store.add_turn(self.id, turn)
         self.tel.log_event(self, "turn", f"node={turn.node} input={turn.input} "
                                          f"heard={turn.heard!r} option={turn.option} "
                                          f"result={turn.result} latency_ms={turn.latency_ms}")
+        self.tel.store.add_turn(self.id, turn)  # a failure goes back to the session
 
 
 class _Account(pj.Account):
@@ -351,15 +427,27 @@ class _Account(pj.Account):
         self.tel = tel
 
     def onIncomingCall(self, prm: Any) -> None:
-        self.tel.incoming(self, prm)
+        try:
+            self.tel.incoming(self, prm)
+        except Exception:
+            # No BotCall was made (else incoming() has queued its answer): pjsua2 answers
+            # an INVITE no Call object took with 500 itself.
+            log.exception("worker=%d incoming INVITE failed", self.tel.worker)
 
     def onRegState(self, prm: Any) -> None:
-        log.info("registration: code=%s reason=%s expiration=%s", prm.code, prm.reason,
-                 prm.expiration)
+        try:
+            log.info("registration: code=%s reason=%s expiration=%s", prm.code, prm.reason,
+                     prm.expiration)
+        except Exception:
+            log.exception("onRegState failed")
 
 
 class Telephony:
-    """One pjsua2 endpoint holding up to ``sip.max_calls`` calls."""
+    """One pjsua2 endpoint holding up to ``sip.max_calls`` calls.
+
+    The run loop never blocks on anything but PJSIP: a call's end is done in two steps,
+    the pjsua2 part on this thread (:meth:`_finalize`) and the waiting part (the session's
+    end, the WAV header, the store) on a finisher thread that touches no pjsua2 object."""
 
     def __init__(self, core: VoiceCore, store: Store, listen: str, rtp_port: int,
                  worker: int = 0, clock: Any = None) -> None:
@@ -373,11 +461,16 @@ class Telephony:
         self.commands: queue.Queue[_Cmd] = queue.Queue()
         self.finished: queue.Queue[BotCall] = queue.Queue()
         self.calls: dict[str, BotCall] = {}
+        # INVITEs taken in onIncomingCall, answered by the run loop once the callback is over
+        # (see incoming()): (call, status code, reason).
+        self.answering: list[tuple[BotCall, int, str]] = []
         self.rejected: list[BotCall] = []
         # Ended calls whose pjsua slot was taken by a new call before they could be deleted.
         self.dead: list[BotCall] = []
         # Media ports of ended calls, kept until PJSIP has surely stopped calling them.
         self.graveyard: list[tuple[float, MediaPort]] = []
+        self._finisher = ThreadPoolExecutor(max_workers=max(2, self.cfg.sip.max_calls),
+                                            thread_name_prefix=f"finish-w{worker}")
         self._gc_at = 0.0
         self.stopping = False
         self.ep: pj.Endpoint | None = None
@@ -387,6 +480,18 @@ class Telephony:
 
     def log_event(self, call: BotCall, event: str, detail: str = "") -> None:
         log.info("call=%s worker=%d event=%s %s", call.id, self.worker, event, detail)
+
+    def store_write(self, call: BotCall, what: str, fn: Callable[..., Any], *args: Any) -> bool:
+        """A store write on the SIP thread: a failure is logged and told to the session
+        (StoreFailed), never raised into PJSIP or the run loop."""
+        try:
+            fn(*args)
+            return True
+        except Exception as exc:
+            log.error("call=%s worker=%d store %s failed: %s", call.id, self.worker, what, exc)
+            if call.session is not None and not call.session.ended.is_set():
+                call.session.post(StoreFailed(call.session.player.tx_ms, f"{what}: {exc}"))
+            return False
 
     # --- start and stop ---
 
@@ -442,7 +547,10 @@ class Telephony:
                  self.rtp_port + sip.rtp_ports_per_worker - 1)
 
     def run(self, stop: threading.Event) -> None:
-        """Serve calls until ``stop`` is set, then end calls politely and return."""
+        """Serve calls until ``stop`` is set, then end calls politely and return.
+
+        No exception from one call's work leaves this loop: each step catches and logs per
+        call, so one bad call (or store) never hangs up the others."""
         assert self.ep is not None
         # Python's cyclic GC runs on whichever thread allocates when it is due, including
         # PJSIP's clock thread inside onFrameRequested; collecting a cycle that holds a
@@ -450,16 +558,20 @@ class Telephony:
         gc.disable()
         last_check = 0.0
         deadline: float | None = None
+        give_up: float | None = None
         while True:
-            self.ep.libHandleEvents(10)
-            self._drain()
+            self._events(10)
             t = time.monotonic()
             if t - last_check >= 0.25:
                 last_check = t
-                self._housekeeping(t)
+                try:
+                    self._housekeeping(t)
+                except Exception:
+                    log.exception("worker=%d housekeeping failed", self.worker)
             if stop.is_set() and not self.stopping:
                 self.stopping = True
                 deadline = t + self.cfg.sip.shutdown_grace_s
+                give_up = deadline + 5.0
                 log.info("worker=%d stopping: %d call(s) to end", self.worker, len(self.calls))
                 for call in list(self.calls.values()):
                     self._end_politely(call, "shutdown")
@@ -470,18 +582,39 @@ class Telephony:
                     for call in list(self.calls.values()):
                         self._hangup(call, 503, "shutdown")
                     deadline = None
+                if give_up is not None and t > give_up:
+                    log.error("worker=%d %d call(s) never reported their end; stopping anyway",
+                              self.worker, len(self.calls))
+                    break
         for _ in range(50):  # let the BYEs and their answers go out
-            self.ep.libHandleEvents(10)
+            self._events(10)
+
+    def _events(self, ms: int) -> None:
+        """One turn of PJSIP's event loop, then the work it queued."""
+        assert self.ep is not None
+        try:
+            self.ep.libHandleEvents(ms)
+        except Exception:
+            log.exception("worker=%d PJSIP event handling failed", self.worker)
+        try:
             self._drain()
+        except Exception:
+            log.exception("worker=%d run loop step failed", self.worker)
 
     def close(self) -> None:
         if self.ep is not None:
-            self.ep.hangupAllCalls()
+            try:
+                self.ep.hangupAllCalls()
+            except Exception:
+                log.exception("worker=%d hangupAllCalls failed", self.worker)
             for _ in range(20):
-                self.ep.libHandleEvents(10)
-                self._drain()
+                self._events(10)
+            # Records first: the finishers wait for sessions and write the store, which the
+            # caller closes after this returns.
+            self._finisher.shutdown(wait=True)
             # Every pjsua2 object goes before the library does (see softphone.run).
             self.calls.clear()
+            self.answering.clear()
             self.rejected.clear()
             self.dead.clear()
             self.graveyard.clear()
@@ -493,40 +626,91 @@ class Telephony:
     # --- calls ---
 
     def incoming(self, acc: pj.Account, prm: Any) -> None:
+        """onIncomingCall: take the INVITE and decide; the run loop sends the answer.
+
+        Never answer inside this callback. pjsua2's Endpoint::on_incoming_call frees the
+        cloned INVITE after onIncomingCall returns, unconditionally; a final answer given in
+        the callback to an INVITE without SDP (the answer is not deferred then) ends the
+        call at once, and pjsua's reset_call() has already freed that clone and set it to
+        NULL: pjsip_rx_data_free_cloned(NULL) asserts and aborts the process. Every SIP
+        scanner sends such INVITEs. The BotCall made here sets the call's user data, so
+        pjsua2 leaves the unanswered INVITE to us (it sends 100 Trying itself)."""
         call = BotCall(self, acc, prm.callId)
-        msg = prm.rdata.wholeMsg
-        request_line = msg.split("\r\n", 1)[0] if "\r\n" in msg else msg.split("\n", 1)[0]
-        parts = request_line.split()
-        call.dialled = _user_of(parts[1]) if len(parts) > 1 else ""
-        info = call.getInfo()
-        call.caller = info.remoteUri
-        call.sip_call_id = info.callIdString
-        code, reason = 0, ""
-        if self.stopping:
-            code, reason = 503, "Service Unavailable"
-        elif call.dialled not in self.cfg.sip.numbers:
-            code, reason = 404, "Not Found"
-        elif len(self.calls) >= self.cfg.sip.max_calls:
-            code, reason = 486, "Busy Here"
-        op = pj.CallOpParam()
-        if code:
-            self.rejected.append(call)
-            op.statusCode = code
-            op.reason = reason
+        code, reason = 500, "Server Internal Error"
+        try:
+            msg = prm.rdata.wholeMsg
+            request_line = msg.split("\r\n", 1)[0] if "\r\n" in msg else msg.split("\n", 1)[0]
+            parts = request_line.split()
+            call.dialled = _user_of(parts[1]) if len(parts) > 1 else ""
+            info = call.getInfo()
+            call.caller = info.remoteUri
+            call.sip_call_id = info.callIdString
+            if self.stopping:
+                code, reason = 503, "Service Unavailable"
+            elif call.dialled not in self.cfg.sip.numbers:
+                code, reason = 404, "Not Found"
+            elif len(self.calls) >= self.cfg.sip.max_calls:
+                code, reason = 486, "Busy Here"
+            else:
+                code, reason = 200, ""
+        except Exception:
+            log.exception("call=%s worker=%d incoming INVITE not understood; answering 500",
+                          call.id, self.worker)
+        finally:
+            # Whatever happened above, the call is kept and answered.
+            if code == 200:
+                call.accepted = True
+                self.calls[call.id] = call
+            else:
+                self.rejected.append(call)
+            self.answering.append((call, code, reason))
+
+    def _answer_pending(self) -> None:
+        while self.answering:
+            call, code, reason = self.answering.pop(0)
+            try:
+                self._answer(call, code, reason)
+            except Exception:
+                log.exception("call=%s answering %d failed", call.id, code)
+
+    def _answer(self, call: BotCall, code: int, reason: str) -> None:
+        if call.accepted:
+            try:
+                self.store.call_started(call.id, call.sip_call_id, call.caller, call.dialled,
+                                        self.worker)
+                call.started = True
+            except Exception as exc:
+                # No record could be opened: turn the caller away now rather than hold
+                # the slot with a call nobody can account for.
+                log.error("call=%s worker=%d store call_started failed: %s; answering 503",
+                          call.id, self.worker, exc)
+                call.accepted = False
+                self.calls.pop(call.id, None)
+                self.rejected.append(call)
+                code, reason = 503, "Service Unavailable"
+            else:
+                self.log_event(call, "incoming", f"dialled={call.dialled} caller={call.caller} "
+                                                 f"sip_call_id={call.sip_call_id}")
+        if not call.accepted:
             log.info("call=%s worker=%d event=rejected code=%d dialled=%s caller=%s", call.id,
                      self.worker, code, call.dialled, call.caller)
-            call.answer(op)
+        if call.disconnected:  # the caller gave up (CANCEL) before the answer went out
             return
-        call.accepted = True
-        self.calls[call.id] = call
-        self.store.call_started(call.id, call.sip_call_id, call.caller, call.dialled,
-                                self.worker)
-        self.log_event(call, "incoming", f"dialled={call.dialled} caller={call.caller} "
-                                         f"sip_call_id={call.sip_call_id}")
-        op.statusCode = 200
-        call.answer(op)
+        op = pj.CallOpParam()
+        op.statusCode = code
+        if reason:
+            op.reason = reason
+        try:
+            call.answer(op)
+        except pj.Error as exc:
+            log.warning("call=%s answer %d failed: %s", call.id, code, exc.info())
+            if not call.disconnected:
+                self._hangup(call, 500, "answer_failed")
 
     def _drain(self) -> None:
+        # Answers first: a call the caller gave up on in the same turn must not be deleted
+        # (below) before its answer is sent.
+        self._answer_pending()
         while True:
             try:
                 cmd = self.commands.get_nowait()
@@ -545,12 +729,17 @@ class Telephony:
                 log.warning("call=%s %s failed: %s", call.id, cmd.kind, exc.info())
                 if cmd.kind == "xfer" and call.session is not None:
                     call.session.post(TransferFailed(call.session.player.tx_ms, exc.reason))
+            except Exception:
+                log.exception("call=%s %s failed", call.id, cmd.kind)
         while True:
             try:
                 call = self.finished.get_nowait()
             except queue.Empty:
                 break
-            self._finalize(call)
+            try:
+                self._finalize(call)
+            except Exception:
+                log.exception("call=%s finalising failed", call.id)
 
     def _hangup(self, call: BotCall, code: int, reason: str) -> None:
         if call.disconnected:
@@ -577,7 +766,11 @@ class Telephony:
 
     def _housekeeping(self, t: float) -> None:
         for dead in list(self.dead):
-            self._release(dead)
+            try:
+                self._release(dead)
+            except Exception:
+                log.exception("call=%s release failed", dead.id)
+                self.dead.remove(dead)
         self.graveyard = [(until, port) for until, port in self.graveyard if until > t]
         if t >= self._gc_at:
             # The cyclic collector is off in this process (see run): collect here, on the
@@ -586,100 +779,208 @@ class Telephony:
             self._gc_at = t + GC_INTERVAL_S
             gc.collect()
         for call in list(self.calls.values()):
-            if call.disconnected or call.session is None:
-                continue
-            # Recording starts once the caller has heard that the call is recorded.
-            if (self.cfg.recording.enabled and not call.recording_tried
-                    and call.session.notice_done.is_set() and call.audio is not None):
-                self._start_recording(call)
-            if call.answered_at and t - call.answered_at > self.cfg.dialog.max_call_s:
-                self._end_politely(call, "max_duration")
-            if call.media_index >= 0:
-                try:
-                    stat = call.getStreamStat(call.media_index)
-                    pkts = int(stat.rtcp.rxStat.pkt)
-                except pj.Error:
-                    pkts = call.last_rx_pkts
-                if pkts != call.last_rx_pkts:
-                    call.last_rx_pkts = pkts
-                    call.last_rx_change = t
-                elif t - call.last_rx_change > self.cfg.sip.no_rtp_timeout_s:
-                    self.log_event(call, "no_rtp", f"for {self.cfg.sip.no_rtp_timeout_s:.0f} s")
-                    call.ended_by = "bot"
-                    call.last_rx_change = t
-                    self._hangup(call, 200, "no_rtp")
+            try:
+                self._check_call(call, t)
+            except Exception:
+                log.exception("call=%s housekeeping failed", call.id)
 
-    def _start_recording(self, call: BotCall) -> None:
+    def _check_call(self, call: BotCall, t: float) -> None:
+        if call.disconnected:
+            return
+        limit = self.cfg.dialog.max_call_s
+        if call.answered_at and t - call.answered_at > limit:
+            if t - call.answered_at > limit + MAX_CALL_GRACE_S:
+                # The goodbye did not end it (a session that is stuck or gone): cut it.
+                if not call.reason.startswith("max_duration"):
+                    self.log_event(call, "max_duration", "hung up without the goodbye")
+                call.ended_by = "bot"
+                self._hangup(call, 200, "max_duration")
+                return
+            # Also for an answered call that never got a session (no media): nobody else
+            # would ever end it.
+            self._end_politely(call, "max_duration")
+        if call.session is None:
+            # Answered, and still no media: the caller's ACK brought no SDP answer (a scanner's
+            # INVITE without an offer) or the media failed. Nothing can be said on this call.
+            if call.answered_at and t - call.answered_at > self.cfg.sip.no_rtp_timeout_s:
+                self.log_event(call, "no_media", f"for {self.cfg.sip.no_rtp_timeout_s:.0f} s")
+                call.ended_by = "bot"
+                self._hangup(call, 200, "no_media")
+            return
+        # Recording starts once the caller has heard that the call is recorded.
+        if (self.cfg.recording.enabled and not call.recording_tried
+                and call.session.notice_done.is_set() and call.audio is not None):
+            self._start_recording(call, t)
+        if call.recorder is not None:
+            self._check_recording(call, t)
+        if call.media_index >= 0:
+            try:
+                stat = call.getStreamStat(call.media_index)
+                pkts = int(stat.rtcp.rxStat.pkt)
+            except pj.Error:
+                pkts = call.last_rx_pkts
+            if pkts != call.last_rx_pkts:
+                call.last_rx_pkts = pkts
+                call.last_rx_change = t
+            elif t - call.last_rx_change > self.cfg.sip.no_rtp_timeout_s:
+                self.log_event(call, "no_rtp", f"for {self.cfg.sip.no_rtp_timeout_s:.0f} s")
+                call.ended_by = "bot"
+                call.last_rx_change = t
+                self._hangup(call, 200, "no_rtp")
+
+    def _start_recording(self, call: BotCall, t: float) -> None:
+        call.recording_tried = True
         day = time.strftime("%Y-%m-%d")
         folder = self.recordings / day
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            log.error("call=%s cannot record: %s; the call goes on unrecorded", call.id, exc)
+            return
         call.rec_path = folder / f"{call.id}.wav"
         # PJSIP picks the file format from the extension, so the partial file ends in .wav too.
         call.rec_part = folder / f".{call.id}.part.wav"
-        call.recording_tried = True
         rec = pj.AudioMediaRecorder()
         try:
             rec.createRecorder(str(call.rec_part))
+            assert call.audio is not None and call.port is not None
+            call.audio.startTransmit(rec)  # the caller
+            call.port.startTransmit(rec)  # the bot: the bridge mixes both into one track
         except pj.Error as exc:
-            log.error("call=%s cannot record to %s: %s", call.id, call.rec_part, exc.info())
+            log.error("call=%s cannot record to %s: %s; the call goes on unrecorded", call.id,
+                      call.rec_part, exc.info())
+            del rec
+            if call.rec_part.exists():
+                with contextlib.suppress(OSError):
+                    call.rec_part.unlink()
             call.rec_path = call.rec_part = None
             return
         call.recorder = rec
-        assert call.audio is not None and call.port is not None
-        call.audio.startTransmit(rec)  # the caller
-        call.port.startTransmit(rec)  # the bot: the bridge mixes both into one track
+        call.rec_grew_at = t
         self.log_event(call, "recording", str(call.rec_path))
 
+    def _check_recording(self, call: BotCall, t: float) -> None:
+        """Stop a call's recording that no longer grows: the disk is full (or failing).
+
+        PJSIP's WAV writer says nothing then: each block it cannot write is dropped (its
+        put_frame error is ignored by the bridge) and the call goes on. The recording is
+        stopped with one log line; what reached the disk is kept and made playable at the
+        call's end."""
+        assert call.rec_part is not None
+        try:
+            size = call.rec_part.stat().st_size
+        except OSError:
+            size = -2
+        if size != call.rec_size:
+            call.rec_size, call.rec_grew_at = size, t
+            return
+        if t - call.rec_grew_at < REC_STALL_S:
+            return
+        try:
+            st = os.statvfs(call.rec_part.parent)
+            free = f"{st.f_bavail * st.f_frsize // 1024} KB free"
+        except OSError as exc:
+            free = str(exc)
+        self.log_event(call, "recording_stopped",
+                       f"{call.rec_part} has not grown for {t - call.rec_grew_at:.1f} s "
+                       f"({free} on its disk): recording stops, the call goes on; "
+                       f"{max(size, 0)} bytes kept")
+        call.recorder = None  # destroying it closes the file (the header may fail too)
+        call.rec_stopped_at = t
+
     def _finalize(self, call: BotCall) -> None:
-        """After DISCONNECTED: finish the session, save the recording, complete the record."""
+        """After DISCONNECTED, on the SIP thread, without blocking: let go of the call's
+        pjsua2 objects and hand the rest of its end to a finisher thread."""
         if call in self.rejected:
+            if any(c is call for c, _, _ in self.answering):
+                self.finished.put(call)  # answered first (see _drain), deleted next turn
+                return
             self.rejected.remove(call)
             self._release(call)
             return
+        if call.finalized:
+            return
+        call.finalized = True
         self.calls.pop(call.id, None)
         session = call.session
-        result, language = "abandoned", None
-        if session is not None:
-            if not session.ended.is_set():
-                session.post(CallerHungUp(session.player.tx_ms))
-                session.ended.wait(5.0)
-            session.close()
-            result = session.result or session.engine.outcome
-            language = session.engine.language
-        if call.ended_by == "transfer":
-            result = "transferred"
-        recording = None
-        if call.recorder is not None and call.rec_part is not None and call.rec_path:
-            call.recorder = None  # destroying the recorder writes the WAV header
-            # ...but PJSIP 2.15 removes conference ports on its clock thread, so the header
-            # lands a tick or two later: publish the file only once it is a complete WAV.
-            if not _wait_wav_header(call.rec_part):
-                log.warning("call=%s recording header not written in time: %s", call.id,
-                            call.rec_part)
-            try:
-                os.replace(call.rec_part, call.rec_path)
-                recording = str(call.rec_path)
-            except OSError as exc:
-                log.error("call=%s recording not saved: %s", call.id, exc)
-        self.store.call_ended(call.id, result, language, recording, call.ended_by, call.reason)
+        if session is not None and not session.ended.is_set():
+            session.post(CallerHungUp(session.player.tx_ms))
+        now = time.monotonic()
+        rec_part = call.rec_part if (call.recorder is not None or call.rec_stopped_at) else None
+        # Destroying the recorder writes the WAV header... but PJSIP 2.15 removes conference
+        # ports on its clock thread, so the header lands a tick or two later: the finisher
+        # publishes the file once it is a complete WAV.
+        call.recorder = None
+        wait = 0.0 if call.rec_stopped_at and now - call.rec_stopped_at > 2.0 else 2.0
         rx = call.port.rx_frames if call.port is not None else 0
-        barge = [round(ms) for ms in session.stats.barge_in_ms] if session is not None else []
-        self.log_event(call, "ended", f"result={result} by={call.ended_by} "
-                                      f"reason={call.reason or '-'} recording={recording} "
-                                      f"rx_frames={rx} barge_in_ms={barge}")
         if call.port is not None:
-            # PJSIP removes a port from the bridge on its clock thread, a tick after it is
+            # No stopTransmit here: PJSIP removed the call's stream from the bridge before it
+            # reported DISCONNECTED (pjsua_media_channel_deinit runs first), and its
+            # connections with it; disconnecting the stale slot only fails (PJ_EINVAL).
+            # PJSIP removes our port from the bridge on its clock thread, a tick after it is
             # asked to: the Python side of the port must outlive that, or the clock thread
             # calls into a half-deleted object (seen as AttributeError, then a crash).
-            if call.audio is not None:
-                with contextlib.suppress(pj.Error):
-                    call.audio.stopTransmit(call.port)
-                with contextlib.suppress(pj.Error):
-                    call.port.stopTransmit(call.audio)
-            self.graveyard.append((time.monotonic() + PORT_GRACE_S, call.port))
+            self.graveyard.append((now + PORT_GRACE_S, call.port))
             call.port = None
+        call.audio = None
         call.session = None
+        job = _Ending(call.id, session, call.started, call.ended_by, call.reason, rec_part,
+                      call.rec_path, wait, rx)
         self._release(call)
+        self._finisher.submit(self._finish, job)
+
+    def _finish(self, job: _Ending) -> None:
+        """The waiting part of a call's end (finisher thread; no pjsua2 here)."""
+        try:
+            result, language = "abandoned", None
+            session = job.session
+            barge: list[int] = []
+            if session is not None:
+                if not session.ended.wait(SESSION_END_WAIT_S):
+                    log.warning("call=%s session did not end within %.0f s of the hang-up",
+                                job.call_id, SESSION_END_WAIT_S)
+                session.close()
+                result = session.result or session.engine.outcome
+                language = session.engine.language
+                barge = [round(ms) for ms in session.stats.barge_in_ms]
+            if job.ended_by == "transfer":
+                result = "transferred"
+            recording = self._save_recording(job)
+            if job.started:
+                try:
+                    self.store.call_ended(job.call_id, result, language, recording,
+                                          job.ended_by, job.reason)
+                except Exception as exc:
+                    log.error("call=%s worker=%d store call_ended failed: %s", job.call_id,
+                              self.worker, exc)
+            log.info("call=%s worker=%d event=ended result=%s by=%s reason=%s recording=%s "
+                     "rx_frames=%d barge_in_ms=%s", job.call_id, self.worker, result,
+                     job.ended_by, job.reason or "-", recording, job.rx_frames, barge)
+        except Exception:
+            log.exception("call=%s finishing the call failed", job.call_id)
+
+    def _save_recording(self, job: _Ending) -> str | None:
+        part, final = job.rec_part, job.rec_path
+        if part is None or final is None:
+            return None
+        try:
+            if not _wait_wav_header(part, job.header_wait_s):
+                # PJSIP could not finish the file: with the disk full its last buffered write
+                # fails and the header update with it (RIFF sizes stay 0). Set the sizes from
+                # the data on disk, in place (no new blocks needed).
+                info = wavfile.repair(part)
+                if info is None:
+                    log.warning("call=%s recording %s holds no audio; removed", job.call_id,
+                                part)
+                    part.unlink(missing_ok=True)
+                    return None
+                log.info("call=%s recording header set from the data on disk (%d frames)",
+                         job.call_id, info.frames)
+            os.replace(part, final)
+            return str(final)
+        except OSError as exc:
+            log.error("call=%s recording not saved: %s", job.call_id, exc)
+            return None
 
     def _release(self, call: BotCall) -> None:
         """Delete an ended call's pjsua2 object now, while no other call holds its slot.
