@@ -140,6 +140,13 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--only", action="append", metavar="SECTION",
                        help="run only these sections: core, asr, vad, dtmf, latency, "
                             "capacity, suites (repeatable)")
+    bench.add_argument("--soak", type=float, metavar="MINUTES",
+                       help="instead: a soak of speaking calls through the workers behind "
+                            "Kamailio for MINUTES (failures, calls recorded, PSS, open fds "
+                            "and turn latency per minute); writes NAME.json and NAME.md "
+                            "(default name soak)")
+    bench.add_argument("--soak-calls", type=int, default=40, metavar="N",
+                       help="concurrent calls of the soak, the probe included (40)")
 
     calls = sub.add_parser("calls", help="list recorded calls with their paths")
     calls.add_argument("--json", action="store_true", help="one JSON object per call")
@@ -608,10 +615,19 @@ def _bench(cfg: Config, args: argparse.Namespace) -> int:
     bad = [s for s in args.only or [] if s not in SECTIONS]
     if bad:
         raise VoicebotError(f"--only {bad[0]}: no such section; have {', '.join(SECTIONS)}")
-    jpath, mpath = run_bench(cfg, quick=args.quick, name=args.name,
-                             out_dir=Path(args.out) if args.out else None,
-                             suite=Path(args.suite) if args.suite else None, sip_uri=args.sip,
-                             port=args.port, only=args.only)
+    if args.soak is not None:
+        from .bench.soak import run_soak
+
+        if args.soak <= 0 or args.soak_calls < 2:
+            raise VoicebotError("--soak needs MINUTES > 0 and --soak-calls at least 2 (the "
+                                "probe and one sipp caller)")
+        jpath, mpath = run_soak(cfg, args.soak, args.soak_calls, name=args.name,
+                                out_dir=Path(args.out) if args.out else None, port=args.port)
+    else:
+        jpath, mpath = run_bench(cfg, quick=args.quick, name=args.name,
+                                 out_dir=Path(args.out) if args.out else None,
+                                 suite=Path(args.suite) if args.suite else None,
+                                 sip_uri=args.sip, port=args.port, only=args.only)
     data = json.loads(jpath.read_text(encoding="utf-8"))
     for t in data.get("targets", []):
         mark = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
