@@ -231,8 +231,10 @@ def test_worker_killed_during_six_calls(tmp_path: Path):
     (recordings repaired) after its restart; the other worker's calls complete."""
     bot = start_bot(tmp_path, workers=2, at=AT)
     try:
+        # The killed worker's callers hear silence until their softphone gives up (80 s);
+        # the others' calls take about 60 s on a busy 2-core machine.
         callers = [softphone(bot, "--press", "3", "--press", "2", "--barge-in", "--json",
-                             "--timeout", "90") for _ in range(6)]
+                             "--timeout", "80") for _ in range(6)]
         answered = wait_for(lambda: (lambda rs: len(rs) == 6 and all(r.answered_at for r in rs)
                                      and rs)(bot.calls()), 90, "six answered calls", bot)
         by_worker: dict[int, list[str]] = {}
@@ -244,6 +246,7 @@ def test_worker_killed_during_six_calls(tmp_path: Path):
         # Kill once the victim's calls are being recorded, so there are .part files to save.
         wait_for(lambda: all(f"call={c} worker=1 event=recording" in bot.log() for c in victims),
                  60, "the victim's recordings", bot)
+        time.sleep(3.0)  # some audio on disk: a recording killed in its first 0.3 s is empty
         victim = worker_pids(bot)[victim_index]
         killed_at = time.monotonic()
         os.kill(victim, signal.SIGKILL)
