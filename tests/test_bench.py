@@ -51,3 +51,34 @@ def test_bench_quick_writes_results_and_report(tmp_path: Path) -> None:
         f = out / f"smoke-{png}.png"
         assert f.is_file() and f.stat().st_size > 1000, png
         assert f.name in report
+
+
+@pytest.mark.slow
+def test_bench_soak_records_every_call(tmp_path: Path) -> None:
+    """`voicebot bench --soak 1 --soak-calls 2`: the soak path end to end, in about 90 s."""
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "voicebot", "bench", "--soak", "1", "--soak-calls", "2",
+         "--name", "soak-smoke", "--out", str(out), "--port", "5490"],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((out / "soak-smoke.json").read_text(encoding="utf-8"))
+    s = data["soak"]
+    for key in ("failures", "calls_started", "calls_recorded", "calls_missing", "per_minute",
+                "pss_growth_pct", "fd_growth_pct", "probe_latency_ms", "bot_latency_ms"):
+        assert key in s, key
+    # One sipp caller and the probe, through 2 workers behind Kamailio.
+    assert s["calls"] == 2 and s["workers"] == 2 and s["sipp_calls_started"] >= 2
+    assert s["probe_calls_started"] >= 1
+    # Every call the load generator and the probe started is in the bot's store, ended.
+    assert s["calls_missing"] == 0 and s["calls_recorded"] == s["calls_started"], s
+    assert s["failures"] == 0, s
+    (minute,) = s["per_minute"]
+    assert minute["pss_mb"] > 100 and minute["open_fds"] > 0 and minute["processes"] >= 3
+    assert minute["probe_latency_ms"]["n"] > 0 and minute["probe_latency_ms"]["p50"] > 0
+    assert minute["bot_latency_ms"]["n"] > 0
+    assert [t["met"] for t in data["targets"]][:2] == [True, True]
+    report = (out / "soak-smoke.md").read_text(encoding="utf-8")
+    assert "## Targets" in report and "## Per minute" in report
+    png = out / "soak-smoke-soak.png"
+    assert png.is_file() and png.stat().st_size > 1000 and png.name in report
