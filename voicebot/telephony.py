@@ -392,6 +392,10 @@ class BotCall(pj.Call):
         try:
             code = int(prm.statusCode)
             if not prm.finalNotify and code < 300:
+                # REFER accepted (100) or the new call is ringing: the caller hears that
+                # call now, so the session's silence watchdog must not cut in.
+                if self.session is not None:
+                    self.session.transfer_progress()
                 return
             if 200 <= code < 300:
                 self.tel.log_event(self, "transferred", f"code={code}")
