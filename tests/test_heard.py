@@ -148,6 +148,8 @@ def test_prompts_found_through_g711_with_barge_in_and_a_lost_frame(
     assert abs(unknown[0].duration_ms - 1000 * len(other) / RATE) <= 200
     as_json = unknown[0].to_json()
     assert as_json["key"] is None and as_json["fraction"] is None
+    line = summarise(heard)  # what `voicebot call --heard` prints
+    assert line.startswith("welcome/en@0.6s(100%)") and "main_menu/ru@" in line and "?@" in line
 
 
 def test_shared_first_words_pick_the_prompt_that_goes_on(matcher: PromptMatcher) -> None:

@@ -37,7 +37,10 @@ from .common import machine_info, pss_mb, summary
 from .sip import SCENARIO, SIPP_DTMF, BotServer, load_wav, run_probe
 
 CALLS_PER_WORKER = 4  # pjsua2 is built with PJSUA_MAX_CALLS = 4
-PROBE_TURNS = 6
+# Spoken turns per probe call: each call first sits through the ~27 s welcome and
+# language menu, so a long soak makes longer probe calls (more latency samples a minute).
+PROBE_TURNS_SHORT = 6
+PROBE_TURNS_LONG = 12
 CALL_ID_PREFIX = "soak"
 # "No growth after the first minute": the last minute may be at most this much above the
 # first (calls turn over, so the number open at a sample, with their sockets and buffers,
@@ -138,8 +141,9 @@ def soak(cfg: Config, folder: Path, port: int, minutes: float, calls: int = 40,
                                     hold_ms=int(hold * 1000)), encoding="utf-8")
     stat = work / "sipp_soak.csv"
     n_sipp = calls - 1
+    probe_turns = PROBE_TURNS_SHORT if minutes < 3 else PROBE_TURNS_LONG
     out: dict[str, Any] = {"minutes": minutes, "calls": calls, "workers": workers,
-                           "hold_s": hold, "sipp_callers": n_sipp, "probe_turns": PROBE_TURNS}
+                           "hold_s": hold, "sipp_callers": n_sipp, "probe_turns": probe_turns}
     server = BotServer(cfg, folder / f"serve-w{workers}", port, workers)
     server.start()
     try:
@@ -156,7 +160,7 @@ def soak(cfg: Config, folder: Path, port: int, minutes: float, calls: int = 40,
         t_start = time.time()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 text=True, cwd=work)
-        prober = _Prober(server, PROBE_TURNS)
+        prober = _Prober(server, probe_turns)
         time.sleep(calls / 10.0)  # sipp's ramp-up at 10 calls/s
         prober.start()
         per_minute: list[dict[str, Any]] = []
@@ -187,7 +191,7 @@ def soak(cfg: Config, folder: Path, port: int, minutes: float, calls: int = 40,
         except subprocess.TimeoutExpired:
             proc.kill()
             _, err = proc.communicate()
-        prober.join(timeout=60 + 8 * PROBE_TURNS + 60)
+        prober.join(timeout=60 + 8 * probe_turns + 60)
         out["sipp_exit"] = proc.returncode
         out["sipp_stderr"] = (err or "")[-500:]
         time.sleep(5.0)  # the last BYEs: records are finalised after the call ends
