@@ -169,14 +169,28 @@ def watch_parent(parent: int, stop: threading.Event, grace_s: float) -> threadin
 # --- the pid file: what a running bot consists of ---
 
 
-def _proc_stat(pid: int) -> list[str] | None:
-    """/proc/PID/stat fields from field 3 (state) on; None if no such live process."""
+def _stat_fields(path: Path) -> list[str] | None:
     try:
-        text = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+        text = path.read_text(encoding="ascii", errors="replace")
     except OSError:
         return None
-    fields = text.rsplit(")", 1)[1].split()
-    return None if fields[0] in ("Z", "X") else fields  # a zombie holds no port
+    return text.rsplit(")", 1)[1].split()
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat fields from field 3 (state) on; None if no such live process.
+
+    A zombie holds no port, but the leader of a threaded process shows as a zombie while
+    its other threads are still exiting and holding the sockets: alive until all are."""
+    fields = _stat_fields(Path(f"/proc/{pid}/stat"))
+    if fields is None or fields[0] not in ("Z", "X"):
+        return fields
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            t = _stat_fields(task / "stat")
+            if t is not None and t[0] not in ("Z", "X"):
+                return fields
+    return None
 
 
 def proc_start(pid: int) -> int | None:
@@ -266,6 +280,7 @@ def reclaim_stale(path: Path, wait_s: float = 5.0) -> list[int]:
               file=sys.stderr)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signal.SIGCONT)  # a stopped process acts on its SIGTERM only then
     deadline = time.monotonic() + wait_s
     while alive() and time.monotonic() < deadline:
         time.sleep(0.1)
