@@ -115,6 +115,11 @@ SCHEMA = [
         created_at TEXT,
         done_at TEXT
     )""",
+    # What migrations have run (key: name), so a big store is not scanned on every open.
+    """CREATE TABLE IF NOT EXISTS meta (
+        key TEXT PRIMARY KEY,
+        value TEXT
+    )""",
     # Blocks of ticket and callback numbers, leased by a process so that it can number
     # them without asking the database each time (see Store._number).
     """CREATE TABLE IF NOT EXISTS number_blocks (
@@ -453,6 +458,10 @@ class Store:
             for name, kind in cols:
                 if name not in have:
                     cur.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+        cur.execute("SELECT value FROM meta WHERE key = 'times'")
+        row = cur.fetchone()
+        if row and row[0] == "utc":
+            return
         for table, (key, cols) in TIME_COLUMNS.items():
             keys = [k.strip() for k in key.split(",")]
             cond = " OR ".join(f"({c} IS NOT NULL AND {c} NOT LIKE '%+00:00')" for c in cols)
@@ -466,6 +475,8 @@ class Store:
                             (*(utc(v) for v in vals), *ks))
             if rows:
                 log.info("store: %d %s row(s) rewritten with times in UTC", len(rows), table)
+        cur.execute("INSERT INTO meta (key, value) VALUES ('times', 'utc') "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value")
 
     def _read(self, fn: Callable[[Any], Any]) -> Any:
         """Run ``fn(cursor)`` with one retry on a fresh connection."""
