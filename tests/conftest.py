@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import os
 import shutil
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -64,3 +66,44 @@ def grammars_copy(tmp_path: Path) -> Path:
     dest = tmp_path / "grammars"
     shutil.copytree(PROJECT_ROOT / "grammars", dest)
     return dest
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """Mount small tmpfs file systems to fill up (``tmpfs("200k")``), unmounted afterwards.
+
+    Mounting needs root: CI runs as root, so there a missing right fails the test; a
+    developer's unprivileged run skips it."""
+    mounts: list[Path] = []
+
+    def make(size: str) -> Path:
+        if os.geteuid() != 0:
+            why = "mounting a small tmpfs (a disk to fill up) needs root"
+            if os.environ.get("CI"):
+                pytest.fail(f"{why}; CI runs as root")
+            pytest.skip(why)
+        mnt = tmp_path / f"tmpfs-{len(mounts)}"
+        mnt.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
+                       check=True)
+        mounts.append(mnt)
+        return mnt
+
+    yield make
+    for mnt in mounts:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def inputs(*spec: str):  # type: ignore[no-untyped-def]
+    """Simulated caller turns: "3" presses keys, "say:TEXT" speaks, "silent", "hangup"."""
+    from voicebot.simulator import CallerInput
+
+    out = []
+    for s in spec:
+        if s.startswith("say:"):
+            out.append(CallerInput("say", s[4:]))
+        elif s in ("silent", "hangup"):
+            out.append(CallerInput(s))
+        else:
+            out.append(CallerInput("press", s))
+    return out

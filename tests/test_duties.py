@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import AFTER_HOURS, IN_HOURS
+from conftest import AFTER_HOURS, IN_HOURS, inputs
 
 from voicebot.config import load_config
 from voicebot.duties import import_applications, read_applications
@@ -45,19 +45,6 @@ abc,approved,2026-01-01
 999,ready,2026-13-01
 12345,rejected,2026-11-21
 """
-
-
-def inputs(*spec: str) -> list[CallerInput]:
-    """"3" presses keys, "say:TEXT" speaks, "silent", "hangup"."""
-    out = []
-    for s in spec:
-        if s.startswith("say:"):
-            out.append(CallerInput("say", s[4:]))
-        elif s in ("silent", "hangup"):
-            out.append(CallerInput(s))
-        else:
-            out.append(CallerInput("press", s))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +174,7 @@ def test_status_number_said_in_groups_with_a_pause(dcore, duty_store, tmp_path) 
                             CallerInput("say", "네")], IN_HOURS, language="ko",
                     store=duty_store).run()
     number = res.turns[1]
-    assert (number.input, number.result) == ("speech", "number")
+    assert (number.input, number.result) == ("speech", "number"), res.turns
     assert number.heard == "삼 오 삼 오", number.heard
     assert "3 5 3 5" in said(res, "status_readback")
     assert "3 5 3 5" in said(res, "status_unknown")

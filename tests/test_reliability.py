@@ -15,25 +15,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import AFTER_HOURS, IN_HOURS
+from conftest import AFTER_HOURS, IN_HOURS, inputs
 
 from voicebot.config import PROJECT_ROOT
 from voicebot.session import VoiceCore
-from voicebot.simulator import CallerInput, SimResult, Simulator
+from voicebot.simulator import SimResult, Simulator
 from voicebot.store import Store
-
-
-def inputs(*spec: str) -> list[CallerInput]:
-    """"3" presses keys, "say:TEXT" speaks, "silent", "hangup"."""
-    out = []
-    for s in spec:
-        if s.startswith("say:"):
-            out.append(CallerInput("say", s[4:]))
-        elif s in ("silent", "hangup"):
-            out.append(CallerInput(s))
-        else:
-            out.append(CallerInput("press", s))
-    return out
 
 
 def keys(res: SimResult) -> list[str]:
@@ -128,15 +115,9 @@ def test_max_call_length_holds_while_a_transfer_hangs(core) -> None:  # type: ig
 
 
 @pytest.fixture
-def tiny_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
+def tiny_disk(tmpfs) -> Path:  # type: ignore[no-untyped-def]
     """A 64 kB tmpfs: a few seconds of 8 kHz audio fill it."""
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], check=True)
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    return tmpfs("64k")
 
 
 def test_disk_full_during_a_message_ends_it_normally(core, tmp_path: Path, tiny_disk: Path) -> None:  # type: ignore[no-untyped-def]

@@ -147,8 +147,9 @@ class _Call(pj.Call):
                 if self.port is None:
                     rate, _ = stream_rate(self, mi.index, 8000)
                     self.audio = _Audio(rate)
-                    self.port = MediaPort(self.audio.sink, self.audio.source, rate, "softphone")
+                    self.port = MediaPort(rate, "softphone")
                     self.port.create()
+                    self.port.bind(self.audio.sink, self.audio.source)
                 media.startTransmit(self.port)
                 self.port.startTransmit(media)
                 self.media = media

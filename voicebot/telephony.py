@@ -110,18 +110,27 @@ class _OutBuffer:
         return pj.ByteVector(data.tobytes())
 
 
+def _drop(frame: AudioFrame) -> None:
+    """The sink of a port between calls."""
+
+
 class MediaPort(pj.AudioMediaPort):
     """One call's audio in and out of Python. Runs on PJSIP's clock thread: never blocks.
 
     sink(frame): receives each 20 ms frame from the far end (an AudioFrame, media time
     counted from the first frame). source(n): returns the next n samples to send.
+
+    A port lives as long as the endpoint and serves one call after another (see
+    :meth:`Telephony.take_port`): the bridge keeps calling a registered port even with
+    nothing connected to it, and PJSIP 2.15 removes a destroyed port on its clock thread a
+    tick later, so a port destroyed at a call's end was still called half-deleted now and
+    then (an AttributeError, then a segfault in the soak after ~400 call ends).
     """
 
-    def __init__(self, sink: Callable[[AudioFrame], None],
-                 source: Callable[[int], np.ndarray], sample_rate: int, label: str) -> None:
+    def __init__(self, sample_rate: int, label: str) -> None:
         super().__init__()
-        self.sink = sink
-        self.source = source
+        self.sink: Callable[[AudioFrame], None] = _drop
+        self.source: Callable[[int], np.ndarray] = self._silence
         self.sample_rate = sample_rate
         self.label = label
         self.n = sample_rate // 50  # 20 ms
@@ -129,6 +138,23 @@ class MediaPort(pj.AudioMediaPort):
         self._rx_ms = 0.0
         self.rx_frames = 0
         self.errors = 0
+
+    def _silence(self, n: int) -> np.ndarray:
+        return np.zeros(n, dtype=np.int16)
+
+    def bind(self, sink: Callable[[AudioFrame], None],
+             source: Callable[[int], np.ndarray]) -> None:
+        """Serve a new call: media time starts again at 0 (pjsua2 thread)."""
+        self._rx_ms = 0.0
+        self.rx_frames = 0
+        self.errors = 0
+        self.source = source
+        self.sink = sink
+
+    def unbind(self) -> None:
+        """The call is over: frames go nowhere, silence goes out, until the next call."""
+        self.sink = _drop
+        self.source = self._silence
 
     def create(self) -> None:
         fmt = pj.MediaFormatAudio()
@@ -363,12 +389,11 @@ class BotCall(pj.Call):
                                                 on_turn=self._on_turn, store=self.tel.store,
                                                 caller=self.caller)
                 try:
-                    port = MediaPort(session.push_audio, session.pull_audio, rate,
-                                     f"vb-{self.id}")
-                    port.create()
+                    port = self.tel.take_port(rate)
                 except BaseException:
                     session.close()
                     raise
+                port.bind(session.push_audio, session.pull_audio)
                 self.session, self.port = session, port
                 session.start(self.tel.clock(), None)
             # A re-INVITE may bring new media: (re)connect both directions.
@@ -471,8 +496,10 @@ class Telephony:
         self.rejected: list[BotCall] = []
         # Ended calls whose pjsua slot was taken by a new call before they could be deleted.
         self.dead: list[BotCall] = []
-        # Media ports of ended calls, kept until PJSIP has surely stopped calling them.
+        # Media ports of ended calls, resting before the next call takes them (s, port).
         self.graveyard: list[tuple[float, MediaPort]] = []
+        self.free_ports: dict[int, list[MediaPort]] = {}  # sample rate -> ports ready
+        self.ports: list[MediaPort] = []  # every port made: they live as long as the endpoint
         self._finisher = ThreadPoolExecutor(max_workers=max(2, self.cfg.sip.max_calls),
                                             thread_name_prefix=f"finish-w{worker}")
         self._gc_at = 0.0
@@ -622,6 +649,8 @@ class Telephony:
             self.rejected.clear()
             self.dead.clear()
             self.graveyard.clear()
+            self.free_ports.clear()
+            self.ports.clear()
             self.acc = None
             gc.collect()
             self.ep.libDestroy()
@@ -768,6 +797,17 @@ class Telephony:
         else:
             self._hangup(call, 200, reason)
 
+    def take_port(self, rate: int) -> MediaPort:
+        """A media port for a new call at ``rate``: a rested one, or a new one (pjsua2
+        thread). At most about twice max_calls are ever made per rate."""
+        free = self.free_ports.get(rate)
+        if free:
+            return free.pop()
+        port = MediaPort(rate, f"vb-w{self.worker}-{len(self.ports)}")
+        port.create()
+        self.ports.append(port)
+        return port
+
     def _housekeeping(self, t: float) -> None:
         for dead in list(self.dead):
             try:
@@ -775,7 +815,13 @@ class Telephony:
             except Exception:
                 log.exception("call=%s release failed", dead.id)
                 self.dead.remove(dead)
-        self.graveyard = [(until, port) for until, port in self.graveyard if until > t]
+        resting = []
+        for until, port in self.graveyard:
+            if until > t:
+                resting.append((until, port))
+            else:
+                self.free_ports.setdefault(port.sample_rate, []).append(port)
+        self.graveyard = resting
         if t >= self._gc_at:
             # The cyclic collector is off in this process (see run): collect here, on the
             # thread that owns pjsua2, so no pjsua2 object is ever destroyed on the media
@@ -921,9 +967,9 @@ class Telephony:
             # No stopTransmit here: PJSIP removed the call's stream from the bridge before it
             # reported DISCONNECTED (pjsua_media_channel_deinit runs first), and its
             # connections with it; disconnecting the stale slot only fails (PJ_EINVAL).
-            # PJSIP removes our port from the bridge on its clock thread, a tick after it is
-            # asked to: the Python side of the port must outlive that, or the clock thread
-            # calls into a half-deleted object (seen as AttributeError, then a crash).
+            # The port is never destroyed while the endpoint runs (see MediaPort): it rests
+            # a moment, so a frame of this call still in flight cannot reach the next one.
+            call.port.unbind()
             self.graveyard.append((now + PORT_GRACE_S, call.port))
             call.port = None
         call.audio = None

@@ -230,20 +230,16 @@ class PromptCache:
                 self._mem.popitem(last=False)
 
     def get(self, text: str, voice: str) -> np.ndarray:
-        """The prompt's audio at ``sample_rate``, rendering it on first use."""
+        """The prompt's audio at ``sample_rate``, rendering it into the disk cache on first
+        use (and again over a torn file)."""
+        hit = self.cached(text, voice)
+        if hit is not None:
+            return hit
         k = self.key(text, voice)
-        with self._lock:
-            hit = self._mem.get(k)
-            if hit is not None:
-                self._mem.move_to_end(k)
-                return hit
         p = self.root / k[:2] / f"{k}.wav"
-        if p.exists():
-            samples, _ = read_wav(p)
-        else:
-            samples = self.render(text, voice)
-            write_wav(p, samples, self.sample_rate)
-            log.debug("rendered prompt %s (%s): %r", p.name, voice, text[:60])
+        samples = self.render(text, voice)
+        write_wav(p, samples, self.sample_rate)
+        log.debug("rendered prompt %s (%s): %r", p.name, voice, text[:60])
         self._remember(k, samples)
         return samples
 
