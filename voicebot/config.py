@@ -8,6 +8,7 @@ the key (``voicebot.toml: vad.hangover: unknown key ...``).
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 import types
@@ -152,6 +153,21 @@ class RegistrationConfig:
 
 
 @dataclass
+class TlsConfig:
+    """SIP over TLS on the front (Kamailio) and the workers, when both files are named."""
+
+    certificate: str = ""  # PEM certificate (chain) file
+    key: str = ""  # PEM private key file
+    port: int = 5061  # the front's TLS port (same host as [sip] listen)
+    verify_peer: bool = False  # ask callers for a certificate signed by ca_list
+    ca_list: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.certificate or self.key)
+
+
+@dataclass
 class SipConfig:
     """The SIP edge: where voicebot listens and which calls it takes."""
 
@@ -170,7 +186,32 @@ class SipConfig:
     no_rtp_timeout_s: float = 20.0  # hang up when no RTP arrives for this long
     shutdown_grace_s: float = 15.0  # on SIGTERM, time calls get to end politely
     user_agent: str = "voicebot"
+    # Peers that may send requests (CIDR). Anyone else gets 403 and a log line; a
+    # deployment lists its trunk or PBX. P-Asserted-Identity is believed only from these.
+    allow: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    # More than this many requests per second from one source bans it for ban_s, silently.
+    flood_limit: int = 20
+    ban_s: int = 300
+    # User-Agent substrings of SIP scanners (case-insensitive): dropped and banned.
+    scanner_agents: list[str] = field(default_factory=lambda: [
+        "friendly-scanner", "sipvicious", "sipcli", "VaxSIPUserAgent", "VaxIPUserAgent",
+        "sundayddr", "sipsak", "iWar", "SIVuS", "smap", "VoIPSIPScanner", "pplsip",
+        "Cisco-SIPGateway-Scan", "PortSIP VoIP SDK"])
+    # Workers listen here (loopback or a private address): only the front reaches them.
+    worker_address: str = "127.0.0.1"
+    srtp: str = "off"  # off, optional or mandatory (SDES keys: use with [sip.tls])
     registration: RegistrationConfig = field(default_factory=RegistrationConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+
+
+@dataclass
+class WebConfig:
+    """The live call report (`serve --web`)."""
+
+    listen: str = ""  # HOST:PORT; empty: no report unless --web names one
+    # Required on any address but loopback (HTTP Basic, user "voicebot").
+    password: str = ""
+    max_age_s: float = 5.0  # the page is rebuilt at most this often, however many requests
 
 
 @dataclass
@@ -187,6 +228,8 @@ class RecordingConfig:
 
     enabled: bool = True
     folder: str = "var/recordings"
+    # Recordings and messages older than this are deleted, once a day (0: keep forever).
+    keep_days: int = 90
 
 
 @dataclass
@@ -206,8 +249,14 @@ class Config:
     sip: SipConfig = field(default_factory=SipConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     recording: RecordingConfig = field(default_factory=RecordingConfig)
+    web: WebConfig = field(default_factory=WebConfig)
     base: Path = field(default=PROJECT_ROOT, metadata={"internal": True})
     source: str = field(default="(defaults)", metadata={"internal": True})
+
+    def resolve(self, value: str) -> Path:
+        """A file named in the config: absolute, or relative to ``base``."""
+        p = Path(os.path.expanduser(value))
+        return p if p.is_absolute() else (self.base / p)
 
     def path(self, name: str) -> Path:
         """Absolute path of one of the [paths] entries."""
@@ -344,6 +393,48 @@ def validate(cfg: Config) -> list[DataError]:
     for c in cfg.sip.codecs:
         if c.upper() not in ("PCMU", "PCMA", "G722"):
             errs.append(DataError(f, "sip.codecs", f"{c!r}: voicebot speaks PCMU, PCMA, G722"))
+    for i, net in enumerate(cfg.sip.allow):
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            errs.append(DataError(f, f"sip.allow[{i}]", f"{net!r} is not an address or CIDR "
+                                  "network, e.g. 10.0.0.0/24 or 192.0.2.7"))
+    if not cfg.sip.allow:
+        errs.append(DataError(f, "sip.allow", "empty: no peer could call; list your trunk or "
+                              "PBX, e.g. [\"192.0.2.0/24\"]"))
+    if cfg.sip.flood_limit < 1:
+        errs.append(DataError(f, "sip.flood_limit", "must be 1 request per second or more"))
+    if cfg.sip.ban_s < 1:
+        errs.append(DataError(f, "sip.ban_s", "must be 1 second or more"))
+    try:
+        ipaddress.ip_address(cfg.sip.worker_address)
+    except ValueError:
+        errs.append(DataError(f, "sip.worker_address", f"{cfg.sip.worker_address!r}: use an IP "
+                              "address (loopback or private), e.g. 127.0.0.1"))
+    if cfg.sip.srtp not in ("off", "optional", "mandatory"):
+        errs.append(DataError(f, "sip.srtp", f"{cfg.sip.srtp!r}: use off, optional or mandatory"))
+    tls = cfg.sip.tls
+    if tls.enabled:
+        for key in ("certificate", "key"):
+            value = getattr(tls, key)
+            if not value:
+                errs.append(DataError(f, f"sip.tls.{key}", "missing: TLS needs both certificate "
+                                      "and key (PEM files)"))
+            elif not cfg.resolve(value).is_file():
+                errs.append(DataError(f, f"sip.tls.{key}", f"{value}: no such file"))
+        if tls.verify_peer and not tls.ca_list:
+            errs.append(DataError(f, "sip.tls.ca_list", "verify_peer needs a CA list (PEM)"))
+    if not 0 < tls.port < 65536:
+        errs.append(DataError(f, "sip.tls.port", "must be 1 to 65535"))
+    if cfg.web.listen:
+        try:
+            parse_hostport(cfg.web.listen, 8080)
+        except ValueError as exc:
+            errs.append(DataError(f, "web.listen", str(exc)))
+    if cfg.web.max_age_s < 0:
+        errs.append(DataError(f, "web.max_age_s", "must be 0 or more seconds"))
+    if cfg.recording.keep_days < 0:
+        errs.append(DataError(f, "recording.keep_days", "must be 0 (keep) or more days"))
     if cfg.sip.clock_rate not in (8000, 16000):
         errs.append(DataError(f, "sip.clock_rate", "must be 8000 or 16000"))
     try:

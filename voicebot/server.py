@@ -22,7 +22,6 @@ next start can clean up what a killed one left holding the ports.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime as dt
 import gc
 import json
@@ -36,12 +35,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .config import PROJECT_ROOT, Config, parse_hostport
 from .errors import VoicebotError
+from .libc import limit_malloc_arenas, prctl
 from .session import VoiceCore
 from .store import Store
 
@@ -116,30 +115,15 @@ def run_recovery(cfg: Config, store: Store, worker: int | None) -> None:
 
 # --- dying with the supervisor ---
 
-_libc: Any = None
-
-
-def _prctl() -> Callable[..., int] | None:
-    """libc's prctl, resolved in the parent: a fork child must not dlopen (locks)."""
-    global _libc
-    if not sys.platform.startswith("linux"):
-        return None
-    if _libc is None:
-        try:
-            _libc = ctypes.CDLL(None, use_errno=True)
-        except OSError:
-            _libc = False
-    return getattr(_libc, "prctl", None) if _libc else None
-
 
 def die_with_parent(parent: int, sig: int = signal.SIGTERM) -> None:
     """Have the kernel send ``sig`` to this process when its parent dies (Linux).
 
     SIGTERM, not SIGKILL: a worker whose supervisor was killed still ends its calls
     politely. If the parent is already gone (it died before this ran), exit now."""
-    prctl = _prctl()
-    if prctl is not None:
-        prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    fn = prctl()
+    if fn is not None:
+        fn(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
     if os.getppid() != parent:
         os._exit(1)
 
@@ -448,7 +432,7 @@ class Supervisor:
         if check.returncode != 0:
             raise RuntimeError(f"{conf}: Kamailio rejects the configuration:\n{check.stderr}")
         parent = os.getpid()
-        _prctl()  # resolved here: the child between fork and exec must not dlopen
+        prctl()  # resolved here: the child between fork and exec must not dlopen
 
         def dies_with_us() -> None:
             die_with_parent(parent)
@@ -607,6 +591,7 @@ def serve(cfg: Config, workers: int = 1, listen: str | None = None,
     check_ports_free(cfg, workers, listen)
     write_pid_file(pid_file, {"supervisor": _entry(os.getpid()), "listen": listen,
                               "workers": {}, "kamailio": None, "restarts": 0})
+    limit_malloc_arenas()  # before the models load: their memory is allocated under it
     try:
         core = VoiceCore(cfg)
         for line in core.startup_report():

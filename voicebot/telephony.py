@@ -46,6 +46,7 @@ from .dialog import (
     Turn,
 )
 from .frames import AudioFrame
+from .libc import malloc_trim
 from .session import CallSession, VoiceCore
 from .store import Store
 
@@ -500,6 +501,7 @@ class Telephony:
         self.graveyard: list[tuple[float, MediaPort]] = []
         self.free_ports: dict[int, list[MediaPort]] = {}  # sample rate -> ports ready
         self.ports: list[MediaPort] = []  # every port made: they live as long as the endpoint
+        self._trim_due = False  # a call ended since the last malloc_trim
         self._finisher = ThreadPoolExecutor(max_workers=max(2, self.cfg.sip.max_calls),
                                             thread_name_prefix=f"finish-w{worker}")
         self._gc_at = 0.0
@@ -828,6 +830,12 @@ class Telephony:
             # clock thread in the middle of a frame callback.
             self._gc_at = t + GC_INTERVAL_S
             gc.collect()
+            if self._trim_due:
+                # Calls ended: hand their freed heap back (glibc keeps the peak of a
+                # turnover, four calls ending while four start, resident for good). On a
+                # finisher, not here: the trim walks the whole heap.
+                self._trim_due = False
+                self._finisher.submit(malloc_trim)
         for call in list(self.calls.values()):
             try:
                 self._check_call(call, t)
@@ -978,6 +986,7 @@ class Telephony:
                       call.rec_path, wait, rx)
         self._release(call)
         self._finisher.submit(self._finish, job)
+        self._trim_due = True
 
     def _finish(self, job: _Ending) -> None:
         """The waiting part of a call's end (finisher thread; no pjsua2 here)."""
