@@ -1,4 +1,4 @@
-"""The few glibc calls voicebot makes through ctypes: prctl, mallopt and malloc_trim.
+"""The few glibc calls voicebot makes through ctypes: prctl and malloc_trim.
 
 libc is resolved once, in the process that starts (the supervisor): a fork child must
 not dlopen (it can deadlock on the loader's lock), and every child inherits the handle.
@@ -7,19 +7,11 @@ Off Linux/glibc every function here is a no-op that says so by returning None/Fa
 from __future__ import annotations
 
 import ctypes
-import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
 _libc: Any = None
-
-# glibc's M_ARENA_MAX (malloc.h).
-_M_ARENA_MAX = -8
-# Every call runs on a new thread, and glibc gives threads malloc arenas of their own,
-# up to 8 per core; two are enough for a process whose threads mostly wait on queues.
-MALLOC_ARENAS = 2
-
 
 def libc() -> Any:
     """The C library's handle (ctypes), or False off Linux or when it cannot be loaded."""
@@ -39,17 +31,6 @@ def prctl() -> Callable[..., int] | None:
     """libc's prctl, or None."""
     lib = libc()
     return getattr(lib, "prctl", None) if lib else None
-
-
-def limit_malloc_arenas(n: int = MALLOC_ARENAS) -> bool:
-    """Cap glibc's malloc arenas for this process and its forks; False off glibc.
-
-    An operator's MALLOC_ARENA_MAX wins (glibc read it at start)."""
-    lib = libc()
-    mallopt = getattr(lib, "mallopt", None) if lib else None
-    if mallopt is None or os.environ.get("MALLOC_ARENA_MAX"):
-        return False
-    return bool(mallopt(_M_ARENA_MAX, n))
 
 
 def malloc_trim() -> bool:

@@ -40,7 +40,7 @@ from typing import Any
 
 from .config import PROJECT_ROOT, Config, parse_hostport
 from .errors import VoicebotError
-from .libc import limit_malloc_arenas, prctl
+from .libc import prctl
 from .session import VoiceCore
 from .store import Store
 
@@ -591,7 +591,6 @@ def serve(cfg: Config, workers: int = 1, listen: str | None = None,
     check_ports_free(cfg, workers, listen)
     write_pid_file(pid_file, {"supervisor": _entry(os.getpid()), "listen": listen,
                               "workers": {}, "kamailio": None, "restarts": 0})
-    limit_malloc_arenas()  # before the models load: their memory is allocated under it
     try:
         core = VoiceCore(cfg)
         for line in core.startup_report():
