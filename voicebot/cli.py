@@ -145,6 +145,10 @@ def _parser() -> argparse.ArgumentParser:
                             "Kamailio for MINUTES (failures, calls recorded, PSS, open fds "
                             "and turn latency per minute); writes NAME.json and NAME.md "
                             "(default name soak)")
+    bench.add_argument("--security", action="store_true",
+                       help="instead: the front's flood and scanner limits and an allowed "
+                            "caller's turn latency during a sipvicious scan (default name "
+                            "security)")
     bench.add_argument("--soak-calls", type=int, default=40, metavar="N",
                        help="concurrent calls of the soak, the probe included (40)")
 
@@ -615,7 +619,12 @@ def _bench(cfg: Config, args: argparse.Namespace) -> int:
     bad = [s for s in args.only or [] if s not in SECTIONS]
     if bad:
         raise VoicebotError(f"--only {bad[0]}: no such section; have {', '.join(SECTIONS)}")
-    if args.soak is not None:
+    if args.security:
+        from .bench.security import run_security
+
+        jpath, mpath = run_security(cfg, name=args.name,
+                                    out_dir=Path(args.out) if args.out else None, port=args.port)
+    elif args.soak is not None:
         from .bench.soak import run_soak
 
         if args.soak <= 0 or args.soak_calls < 2:
