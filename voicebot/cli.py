@@ -175,6 +175,13 @@ def _parser() -> argparse.ArgumentParser:
     cexp.add_argument("file")
     cexp.add_argument("--all", action="store_true", help="done ones too")
 
+    recs = sub.add_parser("recordings", help="call recordings and messages on disk")
+    rsub = recs.add_subparsers(dest="action", required=True)
+    rpurge = rsub.add_parser("purge", help="delete recordings and messages older than "
+                                           "[recording] keep_days now (serve does it daily)")
+    rpurge.add_argument("--dry-run", action="store_true",
+                        help="list what would be deleted, delete nothing")
+
     rpt = sub.add_parser("report", help="HTML and Markdown report with PNG charts and CSVs")
     rpt.add_argument("--since", help="only calls from this day on (YYYY-MM-DD)")
     rpt.add_argument("--out", default=None, help="folder (default: <var>/report)")
@@ -216,8 +223,20 @@ def _respawn_with_few_malloc_arenas() -> None:
               {**os.environ, "MALLOC_ARENA_MAX": "2"})
 
 
+# Commands that write only shared, non-caller artefacts (prompt audio, ASR models, intent
+# classifiers) keep the user's umask, so that e.g. a model installed by an administrator
+# stays readable by the service user. Every other command can write caller data.
+_NO_CALLER_DATA = frozenset({"menus", "prompts", "models", "intents"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command not in _NO_CALLER_DATA:
+        # Caller data (recordings, messages, the SQLite store and its -wal/-shm, the spool,
+        # reports and CSV exports) is created 0600, folders 0700. A umask is the only way
+        # that reaches every writer: pjsua2's WAV recorder and SQLite open their files with
+        # the process umask and take no mode from us. execve (below) keeps it.
+        os.umask(0o077)
     if argv is None and args.command == "serve":
         _respawn_with_few_malloc_arenas()  # only from the command line, never in-process
     level = args.log_level or ("INFO" if args.command == "serve" else "WARNING")
@@ -231,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "simulate": _simulate, "serve": _serve, "calls": _calls, "call": _call,
             "bench": _bench,
             "applications": _applications, "callbacks": _callbacks, "report": _report,
+            "recordings": _recordings,
         }[args.command]
         return handler(cfg, args)
     except VoicebotError as exc:
@@ -475,9 +495,25 @@ def _calls(cfg: Config, args: argparse.Namespace) -> int:
         when = t.isoformat(sep=" ", timespec="seconds") if t else (r.started_at or "?")
         print(f"{when:<25} {r.id}  {r.caller or '?'} -> {r.dialled or '?'}  "
               f"{r.language or '-':<3} {r.result or 'in progress':<11} {path}")
-        if r.recording:
+        if r.recording and not Path(r.recording).exists():
+            # Retention deletes the file, the store keeps naming it (voicebot.retention).
+            gone = (f"(deleted after keep_days = {cfg.recording.keep_days}, or not on this "
+                    "host)" if cfg.recording.keep_days else f"{r.recording} (missing)")
+            print(f"{'':<25} recording: {gone}")
+        elif r.recording:
             print(f"{'':<25} recording: {r.recording}")
     return 0
+
+
+def _recordings(cfg: Config, args: argparse.Namespace) -> int:
+    from .retention import purge, recordings_folder
+
+    res = purge(cfg, dry_run=args.dry_run)
+    verb = "would delete" if args.dry_run else "deleted"
+    for path in res.deleted:
+        print(f"{verb} {path}")
+    print(f"{recordings_folder(cfg)}: {res.line().removeprefix('retention: ')}")
+    return 1 if res.errors else 0
 
 
 def _call(cfg: Config, args: argparse.Namespace) -> int:

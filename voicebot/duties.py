@@ -141,7 +141,9 @@ class MessageRecorder:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             # Unbuffered, so a failing write tells exactly how much of the audio is on disk.
-            self._fd = os.open(self.part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+            # 0600: a caller's message is personal data (also when used in-process, without
+            # the umask voicebot.cli sets).
+            self._fd = os.open(self.part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             self._write_all(wavfile.header(sample_rate, 0))
             self._header_ok = True
         except OSError as exc:
