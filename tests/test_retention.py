@@ -60,7 +60,7 @@ def old_tree(cfg: Config) -> dict[str, Path]:
     }
     store = Store.from_config(cfg)
     store.close()
-    for folder, dirs, names in os.walk(cfg.var_dir):
+    for folder, _dirs, names in os.walk(cfg.var_dir):
         os.chmod(folder, 0o755)
         for n in names:
             os.chmod(Path(folder) / n, 0o644)
