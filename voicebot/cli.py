@@ -600,11 +600,16 @@ def _callbacks(cfg: Config, args: argparse.Namespace) -> int:
         rows = store.callbacks(outstanding_only=not args.all)
     finally:
         store.close()
+    # The number is unverified unless a trusted peer asserted it (P-Asserted-Identity):
+    # whoever calls back should know it may be what a forged From said (issue 11).
+    for r in rows:
+        r["identity"] = "verified" if r["verified"] else "unverified"
     if args.action == "export":
         path = Path(args.file)
         with path.open("w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=["id", "caller", "language", "reason",
-                                              "created_at", "done_at", "call_id"])
+            w = csv.DictWriter(f, fieldnames=["id", "caller", "identity", "language",
+                                              "reason", "created_at", "done_at", "call_id"],
+                               extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
         print(f"{path}: {len(rows)} callback(s)")
@@ -617,8 +622,8 @@ def _callbacks(cfg: Config, args: argparse.Namespace) -> int:
         print("no callbacks outstanding" if not args.all else "no callbacks")
     for r in rows:
         state = f"done {r['done_at']}" if r["done_at"] else "outstanding"
-        print(f"{r['id']:>5}  {r['created_at']}  {r['caller'] or '?':<28} {r['language'] or '-':<3}"
-              f" {r['reason']:<16} {state}")
+        print(f"{r['id']:>5}  {r['created_at']}  {r['caller'] or '?':<28} {r['identity']:<10} "
+              f"{r['language'] or '-':<3} {r['reason']:<16} {state}")
     return 0
 
 

@@ -61,7 +61,9 @@ SCHEMA = [
         recording TEXT,
         ended_by TEXT,
         reason TEXT,
-        host TEXT
+        host TEXT,
+        caller_from TEXT,
+        caller_verified INTEGER
     )""",
     """CREATE TABLE IF NOT EXISTS turns (
         call_id TEXT NOT NULL,
@@ -113,7 +115,8 @@ SCHEMA = [
         language TEXT,
         reason TEXT,
         created_at TEXT,
-        done_at TEXT
+        done_at TEXT,
+        verified INTEGER
     )""",
     # What migrations have run (key: name), so a big store is not scanned on every open.
     """CREATE TABLE IF NOT EXISTS meta (
@@ -131,7 +134,11 @@ SCHEMA = [
 ]
 
 # Columns added after the first release, with their type: added on open when missing.
-ADDED_COLUMNS = {"calls": [("host", "TEXT")]}
+# caller_verified/verified (issue 11): 1 when the number came from a P-Asserted-Identity of
+# a trusted peer; rows from before the column (NULL) count as unverified.
+ADDED_COLUMNS = {"calls": [("host", "TEXT"), ("caller_from", "TEXT"),
+                           ("caller_verified", "INTEGER")],
+                 "callbacks": [("verified", "INTEGER")]}
 # Time columns normalised to UTC on open (rows written before times were stored in UTC).
 TIME_COLUMNS = {"calls": ("id", ["started_at", "answered_at", "ended_at"]),
                 "turns": ("call_id, seq", ["created_at"]),
@@ -229,6 +236,8 @@ class CallRecord:
     reason: str | None
     turns: list[dict[str, Any]]
     host: str | None = None
+    caller_verified: bool = False  # caller is a trusted P-Asserted-Identity (issue 11)
+    caller_from: str | None = None  # the From URI as sent (caller is From's user if unverified)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -579,8 +588,11 @@ class Store:
 
     def call_started(self, call_id: str, sip_call_id: str | None, caller: str | None,
                      dialled: str | None, worker: int | None = None,
-                     started_at: str | dt.datetime | None = None) -> None:
-        """A new call; started_at: any tz-aware time (datetime or ISO text), default now."""
+                     started_at: str | dt.datetime | None = None, verified: bool = False,
+                     caller_from: str | None = None) -> None:
+        """A new call; started_at: any tz-aware time (datetime or ISO text), default now.
+        caller: the number callbacks go to; verified: it came from a trusted
+        P-Asserted-Identity; caller_from: the From header's URI, as the caller sent it."""
         self._numbering = True  # a call may open a ticket or queue a callback: lease ahead
         with self._num_lock:
             self._calls[call_id] = _Call()
@@ -588,7 +600,8 @@ class Store:
                 self._calls.popitem(last=False)
         self._put({"op": "call_started", "id": call_id, "sip_call_id": sip_call_id,
                    "worker": worker, "caller": caller, "dialled": dialled,
-                   "started_at": utc(started_at) or now(), "host": self.host})
+                   "started_at": utc(started_at) or now(), "host": self.host,
+                   "verified": bool(verified), "caller_from": caller_from})
 
     def call_answered(self, call_id: str) -> None:
         self._put({"op": "call_answered", "id": call_id, "at": now()})
@@ -638,11 +651,13 @@ class Store:
                    "state": "received" if speech_ms > 0 else "empty"})
 
     def add_callback(self, call_id: str, caller: str | None, language: str | None,
-                     reason: str) -> int:
-        """Queue a callback; returns its number (``voicebot callbacks done NUMBER``)."""
+                     reason: str, verified: bool = False) -> int:
+        """Queue a callback; returns its number (``voicebot callbacks done NUMBER``).
+        verified: caller is a trusted P-Asserted-Identity, not just what From said."""
         n = self._number()
         self._put({"op": "add_callback", "id": n, "call_id": call_id, "caller": caller,
-                   "language": language, "reason": reason, "created_at": now()})
+                   "language": language, "reason": reason, "created_at": now(),
+                   "verified": bool(verified)})
         return n
 
     # The SQL of each operation; each is idempotent (see the module docstring).
@@ -650,11 +665,13 @@ class Store:
         kind = op["op"]
         q = self._q
         if kind == "call_started":
+            # Journals written before issue 11 have no verified/caller_from: unverified.
             cur.execute(q("INSERT INTO calls (id, sip_call_id, worker, caller, dialled, "
-                          "started_at, path, host) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-                          "ON CONFLICT (id) DO NOTHING"),
+                          "started_at, path, host, caller_from, caller_verified) "
+                          "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING"),
                         (op["id"], op["sip_call_id"], op["worker"], op["caller"], op["dialled"],
-                         op["started_at"], "[]", op.get("host")))
+                         op["started_at"], "[]", op.get("host"), op.get("caller_from"),
+                         int(bool(op.get("verified")))))
         elif kind == "call_answered":
             cur.execute(q("UPDATE calls SET answered_at = ? WHERE id = ?"), (op["at"], op["id"]))
         elif kind == "turn":
@@ -691,9 +708,10 @@ class Store:
                          op["ended_by"], op["ticket"]))
         elif kind == "add_callback":
             cur.execute(q("INSERT INTO callbacks (id, call_id, caller, language, reason, "
-                          "created_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING"),
+                          "created_at, verified) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                          "ON CONFLICT (id) DO NOTHING"),
                         (op["id"], op["call_id"], op["caller"], op["language"], op["reason"],
-                         op["created_at"]))
+                         op["created_at"], int(bool(op.get("verified")))))
         else:
             raise ValueError(f"unknown store operation {kind!r}")
 
@@ -1035,7 +1053,8 @@ class Store:
             where.append("id = ?")
             args.append(call_id)
         sql = ("SELECT id, sip_call_id, worker, caller, dialled, started_at, answered_at, "
-               "ended_at, language, path, result, recording, ended_by, reason, host FROM calls")
+               "ended_at, language, path, result, recording, ended_by, reason, host, "
+               "caller_verified, caller_from FROM calls")
         if where:
             sql += " WHERE " + " AND ".join(where)
         # Every time is UTC text of one width (see utc()): text order is time order.
@@ -1060,7 +1079,7 @@ class Store:
                     t["barge_in"] = bool(t["barge_in"])
                 out.append(CallRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8],
                                       json.loads(r[9] or "[]"), r[10], r[11], r[12], r[13],
-                                      turns, r[14]))
+                                      turns, r[14], bool(r[15]), r[16]))
             return out
 
         return self._read(run)  # type: ignore[no-any-return]
@@ -1106,14 +1125,18 @@ class Store:
 
     def callbacks(self, outstanding_only: bool = False) -> list[dict[str, Any]]:
         self.flush(READ_WAIT_S)
-        cols = ("id", "call_id", "caller", "language", "reason", "created_at", "done_at")
+        cols = ("id", "call_id", "caller", "language", "reason", "created_at", "done_at",
+                "verified")
         sql = f"SELECT {', '.join(cols)} FROM callbacks"
         if outstanding_only:
             sql += " WHERE done_at IS NULL"
 
         def run(cur: Any) -> list[dict[str, Any]]:
             cur.execute(sql + " ORDER BY created_at, id")
-            return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+            rows = [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+            for row in rows:  # NULL: a row from before the column, unverified
+                row["verified"] = bool(row["verified"])
+            return rows
 
         return self._read(run)  # type: ignore[no-any-return]
 
