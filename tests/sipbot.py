@@ -2,7 +2,8 @@
 
 Every test file that talks SIP uses :func:`start_bot`; the bot gets its own config,
 store, recordings and ports under a temporary folder, so tests (and people running a
-bot on 5060 at the same time) do not collide. Readiness is a real SIP OPTIONS ping.
+bot on 5060 at the same time) do not collide. Readiness is a real SIP OPTIONS ping, to
+the front (Kamailio, in every mode) and to every worker behind it.
 """
 
 from __future__ import annotations
@@ -44,19 +45,26 @@ def free_udp_port(lo: int = 20000, hi: int = 30000) -> int:
     raise RuntimeError("no free port")
 
 
-def sip_options(host: str, port: int, timeout: float = 0.5) -> int | None:
-    """Send one SIP OPTIONS over UDP; the status code of the answer, or None."""
+def options_request(host: str, port: int, src: str, lport: int,
+                    user_agent: str = "voicebot-test") -> bytes:
+    """One SIP OPTIONS to ``host:port`` from ``src:lport``."""
     call_id = uuid.uuid4().hex
+    return (f"OPTIONS sip:{host}:{port} SIP/2.0\r\n"
+            f"Via: SIP/2.0/UDP {src}:{lport};branch=z9hG4bK{call_id[:16]};rport\r\n"
+            f"From: <sip:probe@{src}:{lport}>;tag={call_id[:8]}\r\n"
+            f"To: <sip:{host}:{port}>\r\nCall-ID: {call_id}\r\nCSeq: 1 OPTIONS\r\n"
+            f"User-Agent: {user_agent}\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+            ).encode()
+
+
+def sip_options(host: str, port: int, timeout: float = 0.5, source: str = "127.0.0.1",
+                user_agent: str = "voicebot-test") -> int | None:
+    """Send one SIP OPTIONS over UDP from ``source``; the status code of the answer, or None."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        lport = s.getsockname()[1]
-        msg = (f"OPTIONS sip:{host}:{port} SIP/2.0\r\n"
-               f"Via: SIP/2.0/UDP 127.0.0.1:{lport};branch=z9hG4bK{call_id[:16]};rport\r\n"
-               f"From: <sip:probe@127.0.0.1:{lport}>;tag={call_id[:8]}\r\n"
-               f"To: <sip:{host}:{port}>\r\nCall-ID: {call_id}\r\nCSeq: 1 OPTIONS\r\n"
-               "Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n")
+        s.bind((source, 0))
+        msg = options_request(host, port, source, s.getsockname()[1], user_agent)
         s.settimeout(timeout)
-        s.sendto(msg.encode(), (host, port))
+        s.sendto(msg, (host, port))
         try:
             data, _ = s.recvfrom(65535)
         except TimeoutError:
@@ -79,8 +87,16 @@ class Bot:
     stopped_code: int | None = field(default=None)
 
     @property
+    def host(self) -> str:
+        """The front's (Kamailio's) address: [sip] listen."""
+        return self.cfg.sip.listen.rpartition(":")[0]
+
+    @property
     def uri(self) -> str:
-        return f"sip:{self.number}@127.0.0.1:{self.port}"
+        return f"sip:{self.number}@{self.host}:{self.port}"
+
+    def worker_ports(self, workers: int) -> list[int]:
+        return [self.cfg.sip.worker_port + i for i in range(workers)]
 
     def log(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
@@ -163,7 +179,11 @@ def write_config(folder: Path, port: int, extra: str = "") -> Path:
         "sip": {"listen": f"127.0.0.1:{port}", "rtp_port": random.randrange(30000, 44000, 1000),
                 "rtp_ports_per_worker": 100,
                 "worker_port": free_udp_port(31000, 39000) // 10 * 10,
-                "shutdown_grace_s": 8.0},
+                "shutdown_grace_s": 8.0,
+                # Load tests push many calls a second from one loopback source (sipp, the
+                # softphones), ACKs and BYEs included: the front's flood ban (20/s by
+                # default) would ban the test's own caller. Tests of the ban set it low.
+                "flood_limit": 100000},
     }
     for name, values in tomllib.loads(extra).items():
         tables.setdefault(name, {}).update(values)
@@ -195,9 +215,11 @@ def start_bot(folder: Path, *, workers: int = 1, at: str | None = "2026-11-23T10
     while time.monotonic() < end:
         if proc.poll() is not None:
             raise AssertionError(f"voicebot serve exited with {proc.returncode}:\n{bot.log()}")
-        if sip_options("127.0.0.1", port) is not None and (
-                workers == 1 or all(sip_options("127.0.0.1", cfg.sip.worker_port + i)
-                                    is not None for i in range(workers))):
+        # The front answers (itself: an OPTIONS without a user), and every worker behind
+        # it is up (asked directly, on its private address).
+        if sip_options(bot.host, port) is not None and all(
+                sip_options(cfg.sip.worker_address, p) is not None
+                for p in bot.worker_ports(workers)):
             return bot
         time.sleep(0.3)
     proc.kill()
@@ -206,31 +228,34 @@ def start_bot(folder: Path, *, workers: int = 1, at: str | None = "2026-11-23T10
 
 def sipp(scenario: str, bot: Bot, *, calls: int = 1, rate: float = 1.0, limit: int | None = None,
          service: str | None = None, timeout: float = 120.0, extra: list[str] | None = None,
-         folder: Path | None = None, call_id: str | None = None,
-         ) -> subprocess.CompletedProcess[str]:
+         folder: Path | None = None, call_id: str | None = None, source: str = "127.0.0.1",
+         netns: str | None = None) -> subprocess.CompletedProcess[str]:
     """Run a sipp scenario from tests/sipp against the bot; sipp's own pass/fail is the code.
 
     ``call_id``: a unique prefix for sipp's Call-IDs, so a test finds its own records: call n
-    gets ``sipp_call_id(call_id, n)``.
+    gets ``sipp_call_id(call_id, n, source)``. ``source``: sipp's own address (signalling
+    and media); ``netns``: run sipp inside that network namespace (``ip netns exec``).
     """
     folder = folder or bot.folder
     sport = free_udp_port(45000, 50000)
     mport = random.randrange(50000, 60000, 10)
-    cmd = ["sipp", "127.0.0.1:" + str(bot.port), "-sf", str(SIPP_SCENARIOS / scenario),
-           "-s", service or bot.number, "-i", "127.0.0.1", "-p", str(sport),
-           "-mi", "127.0.0.1", "-mp", str(mport), "-m", str(calls), "-l", str(limit or calls),
+    cmd = ["sipp", f"{bot.host}:{bot.port}", "-sf", str(SIPP_SCENARIOS / scenario),
+           "-s", service or bot.number, "-i", source, "-p", str(sport),
+           "-mi", source, "-mp", str(mport), "-m", str(calls), "-l", str(limit or calls),
            "-r", str(rate), "-nostdin", "-trace_err",
            "-error_file", str(folder / f"sipp-{scenario}-{sport}-errors.log"),
            "-timeout", f"{int(timeout)}s", "-timeout_error", *(extra or [])]
     if call_id:
         cmd += ["-cid_str", f"{call_id}-%u@%s"]
+    if netns:
+        cmd = ["ip", "netns", "exec", netns, *cmd]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 30,
                           cwd=str(SIPP_SCENARIOS))
 
 
-def sipp_call_id(call_id: str, n: int = 1) -> str:
-    """The Call-ID of sipp's call ``n`` when it ran with ``call_id`` (local address 127.0.0.1)."""
-    return f"{call_id}-{n}@127.0.0.1"
+def sipp_call_id(call_id: str, n: int = 1, source: str = "127.0.0.1") -> str:
+    """The Call-ID of sipp's call ``n`` when it ran with ``call_id`` from ``source``."""
+    return f"{call_id}-{n}@{source}"
 
 
 def sipp_call_ids(bot: Bot, before: set[str]) -> list[CallRecord]:

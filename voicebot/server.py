@@ -1,16 +1,19 @@
-"""`voicebot serve`: worker processes under a supervisor, behind Kamailio when N > 1.
+"""`voicebot serve`: worker processes under a supervisor, behind Kamailio.
 
 pjsua2-python holds 4 calls per process, so capacity comes from processes. The
 supervisor (the very process that was started) loads the Vosk models and intent
 classifiers once, then forks the workers: the models' memory (about 500 MB for
 Korean) is shared copy-on-write by every worker instead of being loaded N times.
 Each worker runs its own pjsua2 endpoint on its own SIP port and RTP range.
-Kamailio, configured from ``deploy/kamailio.cfg.tmpl``, listens on the public
-address and sends each new call to the least-loaded worker with a free slot,
-health-checks workers with OPTIONS, and skips one that is busy, refuses or has
-died. With one worker there is no Kamailio: the worker listens on the public
-address itself, but it is still a forked, supervised process, so a crash in
-PJSIP (an assertion abort) costs that worker's calls, never the line.
+Kamailio, configured from ``deploy/kamailio.cfg.tmpl``, runs in front in every mode,
+one worker too: only it listens on the public address (``[sip] listen``). It keeps out
+who is not allowed (``[sip] allow``: 403), floods (``flood_limit``/``ban_s``) and known
+scanners (``scanner_agents``), sends each new call to the least-loaded worker with a
+free slot, health-checks workers with OPTIONS, and skips one that is busy, refuses or
+has died. Workers listen on ``[sip] worker_address`` (loopback by default) at
+``worker_port + index``, so nothing but the front reaches them. Each worker is a forked,
+supervised process, so a crash in PJSIP (an assertion abort) costs that worker's calls,
+never the line.
 
 The supervisor restarts a dead worker (or Kamailio) with backoff, 0.5 s doubling
 to 30 s, back to 0.5 s once a process has stayed up for a minute. Workers and
@@ -24,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import gc
+import ipaddress
 import json
 import logging
 import os
@@ -56,6 +60,9 @@ BACKOFF_MAX_S = 30.0
 STABLE_AFTER_S = 60.0
 PARENT_CHECK_S = 0.5  # how often a worker checks that its supervisor is still there
 PID_FILE = "serve.pid"
+# The front opens once the workers answer SIP (or after this long, with those that do):
+# a caller, or a readiness probe, reaching Kamailio then reaches a worker too.
+WORKERS_READY_S = 60.0
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -67,21 +74,23 @@ def make_clock(core: VoiceCore, at: dt.datetime | None):  # type: ignore[no-unty
     return lambda: at + dt.timedelta(seconds=time.monotonic() - t0)
 
 
-def worker_address(cfg: Config, index: int, workers: int, listen: str) -> tuple[str, int]:
-    """SIP listen address and first RTP port of worker ``index``."""
-    host, port = parse_hostport(listen)
+def worker_address(cfg: Config, index: int) -> tuple[str, int]:
+    """SIP listen address ("HOST:PORT") and first RTP port of worker ``index``.
+
+    Never the public address: only Kamailio listens there, and the workers are reached
+    through it alone (``[sip] worker_address``, loopback by default)."""
+    host = cfg.sip.worker_address
     rtp = cfg.sip.rtp_port + index * cfg.sip.rtp_ports_per_worker
-    if workers == 1:
-        return f"{host}:{port}", rtp
+    # Unbracketed even for IPv6: parse_hostport splits at the last colon.
     return f"{host}:{cfg.sip.worker_port + index}", rtp
 
 
-def run_worker(core: VoiceCore, index: int, workers: int, listen: str,
-               at: dt.datetime | None, stop: threading.Event) -> None:
-    """One pjsua2 endpoint serving calls until ``stop``."""
+def run_worker(core: VoiceCore, index: int, at: dt.datetime | None,
+               stop: threading.Event) -> None:
+    """One pjsua2 endpoint serving calls until ``stop``, on its private address."""
     from .telephony import Telephony
 
-    address, rtp = worker_address(core.cfg, index, workers, listen)
+    address, rtp = worker_address(core.cfg, index)
     store = Store.from_config(core.cfg)
     # Before the endpoint takes calls: the calls a killed predecessor left open are closed
     # as interrupted, its half-written recordings made playable.
@@ -283,11 +292,10 @@ def reclaim_stale(path: Path, wait_s: float = 5.0) -> list[int]:
 
 
 def check_ports_free(cfg: Config, workers: int, listen: str) -> None:
-    """Fail before loading models when a SIP port we need is taken, naming it."""
+    """Fail before loading models when a SIP port we need is taken, naming it: the
+    front's (Kamailio's) on ``listen`` and every worker's."""
     wanted = [parse_hostport(listen)]
-    if workers > 1:
-        wanted += [parse_hostport(worker_address(cfg, i, workers, listen)[0])
-                   for i in range(workers)]
+    wanted += [parse_hostport(worker_address(cfg, i)[0]) for i in range(workers)]
     for host, port in wanted:
         for transport in cfg.sip.transports:
             kind = socket.SOCK_DGRAM if transport == "udp" else socket.SOCK_STREAM
@@ -304,6 +312,28 @@ def check_ports_free(cfg: Config, workers: int, listen: str) -> None:
                         "[sip] listen / worker_port or pass --listen") from None
 
 
+def sip_ping(address: str, timeout: float = 0.3) -> bool:
+    """Does the SIP endpoint at ``address`` ("HOST:PORT") answer an OPTIONS over UDP?"""
+    host, port = parse_hostport(address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    tag = os.urandom(6).hex()
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.bind((host, 0))
+        lport = s.getsockname()[1]
+        me = f"[{host}]:{lport}" if family == socket.AF_INET6 else f"{host}:{lport}"
+        you = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+        msg = (f"OPTIONS sip:{you} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK{tag}\r\n"
+               f"From: <sip:supervisor@{me}>;tag={tag}\r\nTo: <sip:{you}>\r\n"
+               f"Call-ID: ready-{tag}\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\n"
+               "Content-Length: 0\r\n\r\n")
+        s.settimeout(timeout)
+        try:
+            s.sendto(msg.encode(), (host, port))
+            return s.recv(4096).startswith(b"SIP/2.0 ")
+        except OSError:  # a timeout, or ICMP port unreachable (nothing listens yet)
+            return False
+
+
 def _install_stop_handlers(stop: threading.Event) -> None:
     def handler(signum: int, frame: object) -> None:
         log.info("signal %s: stopping", signal.Signals(signum).name)
@@ -311,6 +341,16 @@ def _install_stop_handlers(stop: threading.Event) -> None:
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+
+
+def kamailio_binary() -> str:
+    """Kamailio's executable: the front door of every `voicebot serve`."""
+    binary = shutil.which("kamailio") or "/usr/sbin/kamailio"
+    if not Path(binary).exists():
+        raise VoicebotError("kamailio is not installed: voicebot serve runs it in front of "
+                            "its workers (ACL, flood and scanner limits); `make run` installs "
+                            "it, or apt-get install kamailio")
+    return binary
 
 
 def kamailio_modules() -> str:
@@ -321,6 +361,21 @@ def kamailio_modules() -> str:
                             "kamailio (make run does it)")
 
 
+def scanner_regex(agents: list[str]) -> str:
+    """[sip] scanner_agents as one POSIX regex in a Kamailio string literal ("" if none).
+
+    Each substring is matched literally (regex metacharacters escaped); Kamailio's ``=~``
+    matches case-insensitively. Backslashes and quotes are escaped once more for the
+    string literal of the .cfg file."""
+    alts = [re.sub(r"([\\.\[\](){}*+?|^$])", r"\\\1", a) for a in agents if a.strip()]
+    return "|".join(alts).replace("\\", "\\\\").replace('"', '\\"')
+
+
+def kamailio_allow(cfg: Config) -> str:
+    """[sip] allow as ipops' comma-separated subnet list, each entry as ADDRESS/BITS."""
+    return ",".join(str(ipaddress.ip_network(n, strict=False)) for n in cfg.sip.allow)
+
+
 def write_kamailio_config(cfg: Config, workers: int, listen: str, folder: Path) -> Path:
     """Fill deploy/kamailio.cfg.tmpl and the dispatcher list for local workers."""
     host, port = parse_hostport(listen)
@@ -328,10 +383,13 @@ def write_kamailio_config(cfg: Config, workers: int, listen: str, folder: Path) 
     dlist = folder / "dispatcher.list"
     lines = ["# setid destination flags priority attributes (generated by voicebot serve)"]
     for i in range(workers):
-        addr, _ = worker_address(cfg, i, workers, listen)
-        lines.append(f"1 sip:{addr};transport=udp 0 0 duid=w{i};maxload={cfg.sip.max_calls}")
+        whost, wport = parse_hostport(worker_address(cfg, i)[0])
+        uri_host = f"[{whost}]" if ":" in whost else whost
+        lines.append(f"1 sip:{uri_host}:{wport};transport=udp 0 0 duid=w{i};"
+                     f"maxload={cfg.sip.max_calls}")
     dlist.write_text("\n".join(lines) + "\n", encoding="utf-8")
     listens = "\n".join(f"listen={t}:{host}:{port}" for t in cfg.sip.transports)
+    agents = scanner_regex(cfg.sip.scanner_agents)
     values = {
         "debug": "2", "listen": listens, "alias": f"{host}:{port}",
         "modules": kamailio_modules(), "dispatcher_list": str(dlist), "fr_timer_ms": "1500",
@@ -339,6 +397,13 @@ def write_kamailio_config(cfg: Config, workers: int, listen: str, folder: Path) 
         # A call whose BYE never comes (its worker was killed, the caller's phone died)
         # gives its slot back after the longest call a worker allows.
         "load_expire_s": str(int(cfg.dialog.max_call_s) + 60), "load_initexpire_s": "60",
+        # The front door (route[FRONT_DOOR]).
+        "allow": kamailio_allow(cfg), "flood_limit": str(cfg.sip.flood_limit),
+        "ban_s": str(cfg.sip.ban_s),
+        # No scanner list: the check is left out (an empty regex would match everyone).
+        "scanner_match": f'$ua != $null && $ua =~ "{agents}"' if agents else "0",
+        # TLS listen and module section ([sip.tls]); empty without TLS.
+        "tls": "",
     }
     text = (PROJECT_ROOT / "deploy" / "kamailio.cfg.tmpl").read_text(encoding="utf-8")
     for key, value in values.items():
@@ -409,7 +474,7 @@ class Supervisor:
                 stop = threading.Event()
                 _install_stop_handlers(stop)
                 watch_parent(parent, stop, self.core.cfg.sip.shutdown_grace_s + 5.0)
-                run_worker(self.core, index, self.workers, self.listen, self.at, stop)
+                run_worker(self.core, index, self.at, stop)
             except BaseException:
                 log.exception("worker %d failed", index)
                 code = 1
@@ -422,10 +487,7 @@ class Supervisor:
         self._save()
 
     def _start_kamailio(self) -> None:
-        binary = shutil.which("kamailio") or "/usr/sbin/kamailio"
-        if not Path(binary).exists():
-            raise FileNotFoundError("kamailio is not installed; `make run` installs it, or "
-                                    "apt-get install kamailio")
+        binary = kamailio_binary()
         folder = self.core.cfg.var_dir / "kamailio"
         conf = write_kamailio_config(self.core.cfg, self.workers, self.listen, folder)
         check = subprocess.run([binary, "-c", "-f", str(conf)], capture_output=True, text=True)
@@ -518,6 +580,23 @@ class Supervisor:
                 continue
             self._save()
 
+    def _wait_workers_ready(self) -> None:
+        """Until every worker answers SIP on its private address (WORKERS_READY_S at most),
+        restarting any that dies meanwhile: only then does the front open."""
+        waiting = {i: worker_address(self.core.cfg, i)[0] for i in range(self.workers)}
+        deadline = time.monotonic() + WORKERS_READY_S
+        while waiting and not self.stop.is_set() and time.monotonic() < deadline:
+            self._reap()
+            self._restart_due()
+            for i, address in list(waiting.items()):
+                if sip_ping(address):
+                    del waiting[i]
+            if waiting:
+                self.stop.wait(0.2)
+        if waiting and not self.stop.is_set():
+            log.warning("worker(s) %s not answering SIP after %.0f s; opening the front with "
+                        "the others", sorted(waiting), WORKERS_READY_S)
+
     # --- the loop ---
 
     def run(self) -> int:
@@ -528,7 +607,10 @@ class Supervisor:
         gc.freeze()
         for i in range(self.workers):
             self._fork(i)
-        if self.workers > 1:
+        self._wait_workers_ready()
+        # In every mode, one worker too: the front door (ACL, flood and scanner bans) is
+        # Kamailio's, and the workers are reachable only through it.
+        if not self.stop.is_set():
             self._start_kamailio()
         memory_at = time.monotonic() + 5.0
         httpd = start_web(self.core.cfg, self.web) if self.web else None
@@ -588,6 +670,8 @@ def serve(cfg: Config, workers: int = 1, listen: str | None = None,
     # the same var/ is an error, and a port someone else holds is named now, not after
     # the models have loaded.
     reclaim_stale(pid_file)
+    kamailio_binary()
+    kamailio_modules()
     check_ports_free(cfg, workers, listen)
     write_pid_file(pid_file, {"supervisor": _entry(os.getpid()), "listen": listen,
                               "workers": {}, "kamailio": None, "restarts": 0})
