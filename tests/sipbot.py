@@ -161,6 +161,8 @@ def _toml_value(v: Any) -> str:
         return repr(v)
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):  # a sub-table such as [sip.tls], inline
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
     return json.dumps(str(v), ensure_ascii=False)
 
 
@@ -229,17 +231,19 @@ def start_bot(folder: Path, *, workers: int = 1, at: str | None = "2026-11-23T10
 def sipp(scenario: str, bot: Bot, *, calls: int = 1, rate: float = 1.0, limit: int | None = None,
          service: str | None = None, timeout: float = 120.0, extra: list[str] | None = None,
          folder: Path | None = None, call_id: str | None = None, source: str = "127.0.0.1",
-         netns: str | None = None) -> subprocess.CompletedProcess[str]:
+         netns: str | None = None, target: str | None = None,
+         ) -> subprocess.CompletedProcess[str]:
     """Run a sipp scenario from tests/sipp against the bot; sipp's own pass/fail is the code.
 
     ``call_id``: a unique prefix for sipp's Call-IDs, so a test finds its own records: call n
     gets ``sipp_call_id(call_id, n, source)``. ``source``: sipp's own address (signalling
-    and media); ``netns``: run sipp inside that network namespace (``ip netns exec``).
+    and media); ``netns``: run sipp inside that network namespace (``ip netns exec``);
+    ``target``: HOST:PORT to call instead of the bot's front.
     """
     folder = folder or bot.folder
     sport = free_udp_port(45000, 50000)
     mport = random.randrange(50000, 60000, 10)
-    cmd = ["sipp", f"{bot.host}:{bot.port}", "-sf", str(SIPP_SCENARIOS / scenario),
+    cmd = ["sipp", target or f"{bot.host}:{bot.port}", "-sf", str(SIPP_SCENARIOS / scenario),
            "-s", service or bot.number, "-i", source, "-p", str(sport),
            "-mi", source, "-mp", str(mport), "-m", str(calls), "-l", str(limit or calls),
            "-r", str(rate), "-nostdin", "-trace_err",

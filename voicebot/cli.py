@@ -120,6 +120,12 @@ def _parser() -> argparse.ArgumentParser:
                            "the turns")
     call.add_argument("--timeout", type=float, default=300.0, metavar="S",
                       help="give up after S seconds")
+    call.add_argument("--tls", action="store_true",
+                      help="signal over TLS (implied by a sips: URI), e.g. to port 5061")
+    call.add_argument("--srtp", default="off", choices=["off", "optional", "mandatory"],
+                      help="offer SRTP (SDES keys); mandatory: no call without it")
+    call.add_argument("--ca", metavar="FILE", help="with TLS: accept only a bot certificate "
+                      "signed by this PEM CA list (default: accept any, e.g. self-signed)")
     call.set_defaults(inputs=[])
 
     bench = sub.add_parser("bench", help="latency, capacity and accuracy benchmarks "
@@ -521,8 +527,11 @@ def _call(cfg: Config, args: argparse.Namespace) -> int:
 
     phone = Softphone(cfg, args.uri, args.inputs, language=args.lang, barge_in_ms=args.barge_in,
                       dtmf_method=args.dtmf, record=Path(args.record) if args.record else None,
-                      timeout_s=args.timeout, identify=args.heard)
+                      timeout_s=args.timeout, identify=args.heard, tls=args.tls,
+                      srtp=args.srtp, ca=Path(args.ca) if args.ca else None)
     res = phone.run()
+    secure = {"transport": res.transport, "srtp": res.srtp, "contact": res.remote_contact}
+    show_secure = phone.tls or args.srtp != "off"
     if not res.connected:
         why = (f"{res.status} {res.reason}" if res.status else
                "no answer: is voicebot serve running at that address?")
@@ -544,6 +553,8 @@ def _call(cfg: Config, args: argparse.Namespace) -> int:
         if args.heard:
             print(json.dumps({"heard": [h.to_json() for h in res.heard],
                               "sip_call_id": res.sip_call_id}, ensure_ascii=False))
+        if show_secure:
+            print(json.dumps({"security": secure, "sip_call_id": res.sip_call_id}))
     else:
         for row in rows:
             print(f"{row['node'] or '?':<9} {row['input']:<6} {row['heard']!s:<12} -> "
@@ -557,6 +568,9 @@ def _call(cfg: Config, args: argparse.Namespace) -> int:
             from .heard import summarise
 
             print(f"heard: {summarise(res.heard) or 'nothing'}")
+        if show_secure:
+            print(f"security: signalling {res.transport or '?'}, media "
+                  f"{'SRTP' if res.srtp else 'plain RTP'}, answered by {res.remote_contact}")
     return 0
 
 

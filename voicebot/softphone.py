@@ -16,6 +16,7 @@ import bisect
 import gc
 import logging
 import random
+import re
 import threading
 import time
 from collections.abc import Sequence
@@ -71,6 +72,14 @@ class CallResult:
     received: np.ndarray | None = None
     received_rate: int = 8000
     heard: list[Heard] = field(default_factory=list)  # with identify: prompts found in it
+    # What the caller saw of its own call's security (from the bot's 2xx to the INVITE):
+    # the transport our Via carried ("UDP", "TLS"...), the Contact the answering side
+    # gave (a worker answering over TLS says ;transport=tls), and whether the answer's
+    # SDP was SRTP (RTP/SAVP with an a=crypto key) and the stream runs over it.
+    transport: str = ""
+    remote_contact: str = ""
+    srtp: bool = False
+    answer_sdp: str = ""
 
 
 class _Audio:
@@ -130,6 +139,16 @@ class _Call(pj.Call):
         self.port: MediaPort | None = None
         self.media: pj.AudioMedia | None = None
         self.audio: _Audio | None = None
+        self.answer = ""  # the whole 2xx to our INVITE, as received
+
+    def onCallTsxState(self, prm: Any) -> None:
+        # The answer, as it reached us: its top Via is ours (the transport we sent on),
+        # its SDP the keys the far end chose. Copied as text, nothing kept of PJSIP's.
+        ts = prm.e.body.tsxState
+        if ts.type == pj.PJSIP_EVENT_RX_MSG and not self.answer:
+            msg = str(ts.src.rdata.wholeMsg)
+            if msg.startswith("SIP/2.0 2") and re.search(r"(?im)^CSeq:\s*\d+\s+INVITE", msg):
+                self.answer = msg
 
     def onCallState(self, prm: Any) -> None:
         info = self.getInfo()
@@ -163,9 +182,21 @@ class Softphone:
                  dtmf_method: str = "rfc4733", quiet_ms: int = 1500,
                  record: Path | None = None, timeout_s: float = 300.0,
                  bind: str = "127.0.0.1", grammars: Grammars | None = None,
-                 identify: bool = False) -> None:
+                 identify: bool = False, tls: bool = False, srtp: str = "off",
+                 ca: Path | None = None) -> None:
         if not uri.startswith(("sip:", "sips:")):
             raise VoicebotError(f"{uri!r} is not a SIP URI; use sip:919@HOST:PORT")
+        if srtp not in ("off", "optional", "mandatory"):
+            raise VoicebotError("--srtp must be off, optional or mandatory")
+        if ca is not None and not ca.is_file():
+            raise VoicebotError(f"--ca {ca}: no such file (a PEM CA list or certificate)")
+        # sips: or --tls: signalling over TLS only (no UDP transport exists to fall back
+        # on); a sip: URI gets ;transport=tls so PJSIP picks the TLS transport.
+        self.tls = tls or uri.startswith("sips:") or ";transport=tls" in uri.lower()
+        if self.tls and not uri.startswith("sips:") and ";transport=" not in uri.lower():
+            uri = uri + ";transport=tls"
+        self.srtp = srtp
+        self.ca = ca
         if dtmf_method not in ("rfc4733", "info", "inband"):
             raise VoicebotError("--dtmf must be rfc4733, info or inband")
         self.cfg = cfg
@@ -239,7 +270,16 @@ class Softphone:
         tc = pj.TransportConfig()
         tc.port = 0
         tc.boundAddress = self.bind
-        ep.transportCreate(pj.PJSIP_TRANSPORT_UDP, tc)
+        if self.tls:
+            # Without --ca the bot's certificate is accepted unchecked (a test's
+            # self-signed one); with it, a certificate not signed by it ends the call.
+            tc.tlsConfig.proto = pj.PJ_SSL_SOCK_PROTO_TLS1_2 | pj.PJ_SSL_SOCK_PROTO_TLS1_3
+            if self.ca is not None:
+                tc.tlsConfig.CaListFile = str(self.ca)
+                tc.tlsConfig.verifyServer = True
+            ep.transportCreate(pj.PJSIP_TRANSPORT_TLS, tc)
+        else:
+            ep.transportCreate(pj.PJSIP_TRANSPORT_UDP, tc)
         ep.audDevManager().setNullDev()
         for ci in ep.codecEnum2():
             prio = {"PCMA/8000/1": 200, "PCMU/8000/1": 190}.get(ci.codecId, 0)
@@ -251,6 +291,12 @@ class Softphone:
         acfg.mediaConfig.transportConfig.port = random.randrange(50000, 59000, 100)
         acfg.mediaConfig.transportConfig.portRange = 100
         acfg.mediaConfig.transportConfig.boundAddress = self.bind
+        acfg.mediaConfig.srtpUse = {"off": pj.PJMEDIA_SRTP_DISABLED,
+                                    "optional": pj.PJMEDIA_SRTP_OPTIONAL,
+                                    "mandatory": pj.PJMEDIA_SRTP_MANDATORY}[self.srtp]
+        # SDES over whatever we signal on: the caller decides; the bot's policy decides
+        # whether it takes the call ([sip] srtp).
+        acfg.mediaConfig.srtpSecureSignaling = 0
         acc = pj.Account()
         acc.create(acfg, True)
         call: _Call | None = _Call(self, acc)
@@ -297,6 +343,7 @@ class Softphone:
         ok = self._wait(ep, call, lambda: call.state == pj.PJSIP_INV_STATE_CONFIRMED
                         and call.audio is not None, 15.0)
         result = CallResult(self.sip_call_id, ok, call.status, call.reason, [])
+        self._security(call, result)
         if not ok:
             result.status, result.reason = call.status, call.reason
             return result
@@ -358,6 +405,22 @@ class Softphone:
             mix = np.pad(rx, (0, m - len(rx))) + np.pad(tx, (0, m - len(tx)))
             result.recording = write_wav(self.record, np.clip(mix, -32768, 32767), audio.rate)
         return result
+
+    @staticmethod
+    def _security(call: _Call, result: CallResult) -> None:
+        """Transport, Contact and SRTP of the answer, as this caller received it."""
+        msg = call.answer
+        if not msg:
+            return
+        via = re.search(r"(?im)^(?:Via|v):\s*SIP/2\.0/(\w+)", msg)
+        result.transport = via.group(1).upper() if via else ""
+        contact = re.search(r"(?im)^(?:Contact|m):\s*(.+?)\s*$", msg)
+        result.remote_contact = contact.group(1) if contact else ""
+        _, _, sdp = msg.partition("\r\n\r\n")
+        result.answer_sdp = sdp
+        audio = re.search(r"(?m)^m=audio \d+ (\S+)", sdp)
+        result.srtp = bool(audio and audio.group(1) == "RTP/SAVP"
+                           and re.search(r"(?m)^a=crypto:", sdp))
 
     def _language_after(self, inp: CallerInput) -> str | None:
         """The language a key at the language menu picks, for --say voices afterwards."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import ipaddress
 import logging
 import os
 import queue
@@ -24,16 +25,17 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import numpy as np
 import pjsua2 as pj
 
-from . import wavfile
+from . import tls, wavfile
 from .config import Config, parse_hostport
 from .dialog import (
     Action,
@@ -269,6 +271,130 @@ def _user_of(uri: str) -> str:
     return m.group(1) if m else ""
 
 
+# --- who is calling (issue 11): callbacks go to a trusted identity --------------------------
+# A From header says whatever the caller likes; a P-Asserted-Identity (RFC 3325) is only worth
+# something when a peer we trust (the trunk or PBX in [sip] allow, or our own Kamailio front,
+# which answers 403 to anyone else) put it there. Pure functions, run on the SIP thread.
+
+_PHONE = re.compile(r"\+?[0-9*#\-.() ]*[0-9][0-9*#\-.() ]*")
+_VISUAL = re.compile(r"[\-.() ]")  # RFC 3966 visual separators (and spaces people type)
+
+
+@dataclass(frozen=True)
+class CallerIdentity:
+    """The number callbacks go to. verified: a trusted peer asserted it (PAI); from_uri:
+    the From URI as the caller sent it."""
+
+    number: str
+    verified: bool
+    from_uri: str
+
+
+def uri_number(uri: str) -> str:
+    """The user part of a ``sip:``/``sips:``/``tel:`` URI (name-addr or bare), visual
+    separators stripped when it is a telephone number; "" when there is none."""
+    m = re.search(r"<([^>]*)>", uri)
+    u = (m.group(1) if m else uri).strip()
+    scheme, sep, rest = u.partition(":")
+    if not sep:
+        return ""
+    scheme = scheme.strip().lower()
+    if scheme == "tel":
+        user = rest.split(";", 1)[0]
+    elif scheme in ("sip", "sips"):
+        if "@" not in rest:
+            return ""  # sip:host names no one
+        user = rest.split("@", 1)[0].split(";", 1)[0].split(":", 1)[0]
+    else:
+        return ""
+    user = unquote(user).strip()
+    if _PHONE.fullmatch(user):
+        user = _VISUAL.sub("", user)
+    return user
+
+
+def _header_values(msg: str, name: str) -> list[str]:
+    """The comma-separated values of every ``name`` header in a SIP message, in order
+    (folded lines joined; commas inside quotes or <> do not split)."""
+    head = re.split(r"\r?\n\r?\n", msg, maxsplit=1)[0]
+    lines: list[str] = []
+    for line in re.split(r"\r?\n", head)[1:]:  # [0] is the request line
+        if line[:1] in (" ", "\t") and lines:
+            lines[-1] += " " + line.strip()
+        else:
+            lines.append(line)
+    out: list[str] = []
+    for line in lines:
+        hname, sep, value = line.partition(":")
+        if not sep or hname.strip().lower() != name.lower():
+            continue
+        cur, quoted, angle = "", False, False
+        for ch in value:
+            if ch == '"' and not angle:
+                quoted = not quoted
+            elif ch == "<" and not quoted:
+                angle = True
+            elif ch == ">" and not quoted:
+                angle = False
+            if ch == "," and not quoted and not angle:
+                out.append(cur.strip())
+                cur = ""
+            else:
+                cur += ch
+        out.append(cur.strip())
+    return [v for v in out if v]
+
+
+def asserted_number(msg: str) -> str:
+    """The first ``tel:`` or ``sip:`` user of the P-Asserted-Identity headers of ``msg``
+    (a whole SIP message), separators stripped; "" without one."""
+    for value in _header_values(msg, "P-Asserted-Identity"):
+        number = uri_number(value)
+        if number:
+            return number
+    return ""
+
+
+def source_host(address: str) -> str:
+    """'127.0.0.2:5060' -> '127.0.0.2'; '[::1]:5060' -> '::1' (pjsua2's srcAddress)."""
+    a = address.strip()
+    if a.startswith("["):
+        return a[1:].split("]", 1)[0]
+    if a.count(":") == 1:
+        return a.split(":", 1)[0]
+    return a  # a bare address, IPv6 without a port included
+
+
+def trusted_peer(source: str, allow: Sequence[str], front: Sequence[str]) -> bool:
+    """Whether a request from ``source`` (an IP address) may assert an identity: it is in
+    one of the ``allow`` networks, or it is the front (Kamailio relays from its own
+    address). An unspecified front address (0.0.0.0) is never a source and matches none."""
+    try:
+        ip = ipaddress.ip_address(source)
+    except ValueError:
+        return False
+    for net in allow:
+        with contextlib.suppress(ValueError):
+            if ip in ipaddress.ip_network(net, strict=False):
+                return True
+    for host in front:
+        with contextlib.suppress(ValueError):
+            f = ipaddress.ip_address(host)
+            if not f.is_unspecified and f == ip:
+                return True
+    return False
+
+
+def caller_identity(msg: str, from_uri: str, source: str, allow: Sequence[str],
+                    front: Sequence[str]) -> CallerIdentity:
+    """A trusted peer's P-Asserted-Identity, else From's user part, unverified."""
+    if trusted_peer(source, allow, front):
+        pai = asserted_number(msg)
+        if pai:
+            return CallerIdentity(pai, True, from_uri)
+    return CallerIdentity(uri_number(from_uri), False, from_uri)
+
+
 @dataclass
 class _Cmd:
     kind: str  # xfer, hangup
@@ -303,7 +429,9 @@ class BotCall(pj.Call):
         self.tel = tel
         self.id = uuid.uuid4().hex[:12]
         self.sip_call_id = ""
-        self.caller = ""
+        self.caller = ""  # the number callbacks go to (see caller_identity)
+        self.caller_verified = False
+        self.caller_from = ""  # the From URI as sent
         self.dialled = ""
         self.session: CallSession | None = None
         self.port: MediaPort | None = None
@@ -388,7 +516,8 @@ class BotCall(pj.Call):
                 self.tel.log_event(self, "media", f"codec={codec}/{rate}")
                 session = self.tel.core.session(self.id, rate, on_action=self._on_action,
                                                 on_turn=self._on_turn, store=self.tel.store,
-                                                caller=self.caller)
+                                                caller=self.caller,
+                                                caller_verified=self.caller_verified)
                 try:
                     port = self.tel.take_port(rate)
                 except BaseException:
@@ -553,6 +682,19 @@ class Telephony:
                 raise OSError(f"cannot listen on {transport} {self.host}:{self.port}: "
                               f"{exc.info()}; is another voicebot or PBX running there? "
                               "Change [sip] listen or pass --listen") from None
+        self.tls_port = 0
+        if sip.tls.enabled:
+            # Only the front reaches this (the worker's address), over TLS: see voicebot.tls.
+            tc = pj.TransportConfig()
+            tc.port = self.tls_port = tls.worker_tls_port(self.cfg, self.worker)
+            tc.boundAddress = self.host
+            tls.pj_tls_config(self.cfg, tc.tlsConfig)
+            try:
+                ep.transportCreate(pj.PJSIP_TRANSPORT_TLS, tc)
+            except pj.Error as exc:
+                raise OSError(f"cannot listen on tls {self.host}:{tc.port} with "
+                              f"[sip.tls] certificate {sip.tls.certificate}: {exc.info()}"
+                              ) from None
         ep.audDevManager().setNullDev()
         wanted = {CODEC_IDS[c.upper()]: 255 - i for i, c in enumerate(sip.codecs)}
         for ci in ep.codecEnum2():
@@ -572,12 +714,14 @@ class Telephony:
         mt.port = self.rtp_port
         mt.portRange = sip.rtp_ports_per_worker
         mt.boundAddress = self.host
+        tls.pj_srtp(self.cfg, acfg.mediaConfig)
         acc = _Account(self)
         acc.create(acfg, True)
         self.ep, self.acc = ep, acc
-        log.info("worker=%d listening on %s %s:%d, RTP %d-%d", self.worker,
-                 "+".join(sip.transports), self.host, self.port, self.rtp_port,
-                 self.rtp_port + sip.rtp_ports_per_worker - 1)
+        log.info("worker=%d listening on %s %s:%d%s, RTP %d-%d, srtp %s", self.worker,
+                 "+".join(sip.transports), self.host, self.port,
+                 f", tls {self.host}:{self.tls_port}" if self.tls_port else "", self.rtp_port,
+                 self.rtp_port + sip.rtp_ports_per_worker - 1, sip.srtp)
 
     def run(self, stop: threading.Event) -> None:
         """Serve calls until ``stop`` is set, then end calls politely and return.
@@ -678,7 +822,11 @@ class Telephony:
             parts = request_line.split()
             call.dialled = _user_of(parts[1]) if len(parts) > 1 else ""
             info = call.getInfo()
-            call.caller = info.remoteUri
+            sip = self.cfg.sip
+            who = caller_identity(msg, info.remoteUri, source_host(prm.rdata.srcAddress),
+                                  sip.allow, (parse_hostport(sip.listen)[0], sip.worker_address))
+            call.caller, call.caller_verified, call.caller_from = (who.number, who.verified,
+                                                                   who.from_uri)
             call.sip_call_id = info.callIdString
             if self.stopping:
                 code, reason = 503, "Service Unavailable"
@@ -712,7 +860,8 @@ class Telephony:
         if call.accepted:
             try:
                 self.store.call_started(call.id, call.sip_call_id, call.caller, call.dialled,
-                                        self.worker)
+                                        self.worker, verified=call.caller_verified,
+                                        caller_from=call.caller_from)
                 call.started = True
             except Exception as exc:
                 # No record could be opened: turn the caller away now rather than hold
@@ -725,6 +874,7 @@ class Telephony:
                 code, reason = 503, "Service Unavailable"
             else:
                 self.log_event(call, "incoming", f"dialled={call.dialled} caller={call.caller} "
+                                                 f"verified={int(call.caller_verified)} "
                                                  f"sip_call_id={call.sip_call_id}")
         if not call.accepted:
             log.info("call=%s worker=%d event=rejected code=%d dialled=%s caller=%s", call.id,
