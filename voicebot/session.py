@@ -182,13 +182,16 @@ class VoiceCore:
     def session(self, call_id: str, sample_rate: int = 8000,
                 on_action: Callable[[Action], None] | None = None,
                 on_turn: Callable[[Turn], None] | None = None,
-                store: Store | None = None, caller: str | None = None) -> CallSession:
+                store: Store | None = None, caller: str | None = None,
+                caller_verified: bool = False) -> CallSession:
         """One call. store: where application statuses are read and tickets, messages and
         callbacks are written (without one the status menu finds nothing and messages are
-        not kept); caller: the caller's number, for callbacks."""
+        not kept); caller: the caller's number, for callbacks; caller_verified: it is a
+        P-Asserted-Identity from a trusted peer, not just what From said."""
         session = CallSession(self, call_id, sample_rate, on_action, on_turn)
         session.store = store
         session.caller = caller
+        session.caller_verified = caller_verified
         return session
 
     def message_path(self, ticket: str, kind: str, at: dt.datetime) -> Path:
@@ -259,6 +262,7 @@ class CallSession:
         self._notice_play: int | None = None
         self.store: Store | None = None
         self.caller: str | None = None
+        self.caller_verified = False  # caller came from a trusted P-Asserted-Identity
         self.started_at: dt.datetime | None = None
         self._recorder: MessageRecorder | None = None
         self._ticket: str | None = None
@@ -669,12 +673,13 @@ class CallSession:
             self._enqueue("event", LookupFailed(self._now_ms, str(exc)))
 
     def _request_callback(self, action: RequestCallback) -> None:
-        log.info("call %s callback requested reason=%s caller=%s", self.call_id, action.reason,
-                 self.caller)
+        log.info("call %s callback requested reason=%s caller=%s verified=%s", self.call_id,
+                 action.reason, self.caller, self.caller_verified)
         if self.store is None:
             return
         try:
-            self.store.add_callback(self.call_id, self.caller, action.language, action.reason)
+            self.store.add_callback(self.call_id, self.caller, action.language, action.reason,
+                                    verified=self.caller_verified)
         except Exception as exc:
             log.error("call %s: callback not stored: %s", self.call_id, exc)
             self._enqueue("event", CallbackFailed(self._now_ms, str(exc)))
