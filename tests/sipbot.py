@@ -202,9 +202,9 @@ def write_config(folder: Path, port: int, extra: str = "") -> Path:
 def start_bot(folder: Path, *, workers: int = 1, at: str | None = "2026-11-23T10:30",
               extra: str = "", ready_timeout: float = 90.0) -> Bot:
     """Start `voicebot serve` and wait until it answers SIP OPTIONS."""
-    port = free_udp_port()
-    config_path = write_config(folder, port, extra)
+    config_path = write_config(folder, free_udp_port(), extra)
     cfg = load_config(config_path)
+    port = int(cfg.sip.listen.rpartition(":")[2])  # ``extra`` may name its own listen
     log_path = folder / "serve.log"
     cmd = [VOICEBOT, "serve", "--config", str(config_path), "--workers", str(workers)]
     if at:
