@@ -94,7 +94,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="worker processes (4 calls each); more than 1 runs Kamailio in front")
     srv.add_argument("--at", help="set the clock (ISO time) for working hours, e.g. for tests")
     srv.add_argument("--web", metavar="HOST:PORT",
-                     help="also serve the call report, live and read-only, e.g. 127.0.0.1:8080")
+                     help="also serve the call report, live and read-only, e.g. 127.0.0.1:8080 "
+                          "(overrides [web] listen; off loopback [web] password is required)")
 
     call = sub.add_parser("call", help="dial a SIP URI with a softphone and navigate by keys or "
                                        "speech")
@@ -476,7 +477,14 @@ def _serve(cfg: Config, args: argparse.Namespace) -> int:
     if args.listen:
         parse_hostport(args.listen)
     at = parse_at(args.at, WorkingHours.from_config(cfg.hours).tz) if args.at else None
-    web = parse_hostport(args.web) if args.web else None
+    # --web overrides [web] listen; off loopback the password is checked now, before the
+    # models load, so a bad start fails in a second rather than after half a minute.
+    web_at = args.web or cfg.web.listen
+    web = parse_hostport(web_at, 8080) if web_at else None
+    if web is not None:
+        from .report import check_web
+
+        check_web(cfg, *web)
     return serve(cfg, workers=args.workers, listen=args.listen, at=at, web=web)
 
 

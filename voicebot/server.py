@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import tls
 from .config import PROJECT_ROOT, Config, parse_hostport
 from .errors import VoicebotError
 from .libc import prctl
@@ -385,7 +386,11 @@ def write_kamailio_config(cfg: Config, workers: int, listen: str, folder: Path) 
     for i in range(workers):
         whost, wport = parse_hostport(worker_address(cfg, i)[0])
         uri_host = f"[{whost}]" if ":" in whost else whost
-        lines.append(f"1 sip:{uri_host}:{wport};transport=udp 0 0 duid=w{i};"
+        # With [sip.tls], to the worker's TLS port: caller data never in clear between hosts.
+        transport = tls.dispatcher_transport(cfg)
+        if transport == "tls":
+            wport = tls.worker_tls_port(cfg, i)
+        lines.append(f"1 sip:{uri_host}:{wport};transport={transport} 0 0 duid=w{i};"
                      f"maxload={cfg.sip.max_calls}")
     dlist.write_text("\n".join(lines) + "\n", encoding="utf-8")
     listens = "\n".join(f"listen={t}:{host}:{port}" for t in cfg.sip.transports)
@@ -403,7 +408,7 @@ def write_kamailio_config(cfg: Config, workers: int, listen: str, folder: Path) 
         # No scanner list: the check is left out (an empty regex would match everyone).
         "scanner_match": f'$ua != $null && $ua =~ "{agents}"' if agents else "0",
         # TLS listen and module section ([sip.tls]); empty without TLS.
-        "tls": "",
+        "tls": tls.kamailio_section(cfg, folder),
     }
     text = (PROJECT_ROOT / "deploy" / "kamailio.cfg.tmpl").read_text(encoding="utf-8")
     for key, value in values.items():
@@ -652,12 +657,16 @@ class Supervisor:
 
 
 def start_web(cfg: Config, web: tuple[str, int]):  # type: ignore[no-untyped-def]
-    """The live, read-only report page (`serve --web`), in a thread of this process."""
-    from .report import LiveReport, serve_web
+    """The live, read-only report page (`serve --web`), in a thread of this process: the
+    supervisor, which runs no SIP, so a rebuild (queries, charts) never delays a call."""
+    from .report import LiveReport, check_web, serve_web
 
-    live = LiveReport(lambda: Store.from_config(cfg), cfg.var_dir / "report-live")
-    httpd = serve_web(live, *web)
-    print(f"voicebot: call report on http://{web[0]}:{web[1]}/", flush=True)
+    check_web(cfg, *web)  # the CLI checked before loading models; a caller in code may not
+    live = LiveReport(lambda: Store.from_config(cfg), cfg.var_dir / "report-live",
+                      cfg.web.max_age_s)
+    httpd = serve_web(live, *web, password=cfg.web.password)
+    auth = " (HTTP Basic, user voicebot)" if cfg.web.password else ""
+    print(f"voicebot: call report on http://{web[0]}:{web[1]}/{auth}", flush=True)
     return httpd
 
 
