@@ -286,7 +286,10 @@ class Softphone:
             ep.codecSetPriority(ci.codecId, prio)
         ep.libStart()
         acfg = pj.AccountConfig()
-        acfg.idUri = f"sip:caller@{self.bind}"
+        # A sips: call needs a sips: Contact (RFC 5630): PJSIP answers 480 "SIPS Required"
+        # to a sips: INVITE whose Contact is sip:.
+        scheme = "sips" if self.uri.startswith("sips:") else "sip"
+        acfg.idUri = f"{scheme}:caller@{self.bind}"
         acfg.regConfig.registerOnAdd = False
         acfg.mediaConfig.transportConfig.port = random.randrange(50000, 59000, 100)
         acfg.mediaConfig.transportConfig.portRange = 100
