@@ -368,6 +368,7 @@ class LiveReport:
 
     def _rebuild(self) -> None:
         self.builds += 1
+        t0 = time.monotonic()
         tmp = self.folder / ".build"
         try:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -382,11 +383,14 @@ class LiveReport:
                 os.replace(f, self.folder / f.name)
             self._page = (self.folder / "index.html").read_bytes()
             self.notice = ""
+            log.info("web: report built in %.2f s (build %d)", time.monotonic() - t0,
+                     self.builds)
         except Exception as exc:
             self.failures += 1
             # The log gets the cause; the page only says that it is old (no traceback, no
             # store path on a page that may face a network).
-            log.warning("web: the report could not be rebuilt: %s", exc)
+            log.warning("web: the report could not be rebuilt (build %d): %s", self.builds,
+                        exc)
             at = dt.datetime.now().astimezone().strftime("%H:%M:%S")
             self.notice = (f"The report could not be rebuilt at {at} (the call store did not "
                             "answer); this is the last report that could be built. The next "
