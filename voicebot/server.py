@@ -617,6 +617,11 @@ class Supervisor:
         # Kamailio's, and the workers are reachable only through it.
         if not self.stop.is_set():
             self._start_kamailio()
+        # After the forks (no extra thread exists at a fork): caller data 0700/0600 and
+        # [recording] keep_days, now and then once a day.
+        from .retention import start_daily
+
+        start_daily(self.core.cfg, self.stop)
         memory_at = time.monotonic() + 5.0
         httpd = start_web(self.core.cfg, self.web) if self.web else None
         while not self.stop.is_set():

@@ -724,7 +724,7 @@ class Store:
             self.spool.mkdir(parents=True, exist_ok=True)
             # One journal per Store: a process may open several (the CLI, the web report).
             self._journal = self.spool / f"{self.host}-{os.getpid()}-{next(_SERIAL)}.jsonl"
-            self._jfd = os.open(self._journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+            self._jfd = os.open(self._journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             # Held while this process lives: a journal nobody holds is a dead process's.
             fcntl.flock(self._jfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             self._journal_bytes = os.fstat(self._jfd).st_size
