@@ -168,3 +168,23 @@ def test_a_key_not_matching_the_certificate_is_named(tmp_path: Path) -> None:
         kamailio_section(cfg, tmp_path / "kam")
     assert kamailio_section(load_config(write_config(tmp_path / "plain", free_udp_port())),
                             tmp_path / "kam2") == ""
+
+
+def test_verify_peer_refuses_a_caller_without_a_certificate(tmp_path: Path) -> None:
+    cert, key = make_cert(tmp_path)
+    callers = tmp_path / "callers"
+    callers.mkdir()
+    ccert, ckey = make_cert(callers)  # self-signed: it is its own CA
+    bot = start_bot(tmp_path / "bot", extra=tls_extra(cert, key, free_udp_port(), "optional")
+                    + f'verify_peer = true\nca_list = "{ccert}"\n')
+    try:
+        r = tls_call(bot, "--timeout", "20")
+        assert r.returncode == 1, r.stdout
+        r = tls_call(bot, "--cert", str(ccert), str(ckey), "--srtp", "optional",
+                     "--press", "3", "--timeout", "60")
+        assert r.returncode == 0, r.stderr + bot.log()[-3000:]
+        rows = [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
+        secure = next(x["security"] for x in rows if "security" in x)
+        assert secure["transport"] == "TLS" and secure["srtp"] is True, secure
+    finally:
+        bot.stop()

@@ -127,6 +127,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="offer SRTP (SDES keys); mandatory: no call without it")
     call.add_argument("--ca", metavar="FILE", help="with TLS: accept only a bot certificate "
                       "signed by this PEM CA list (default: accept any, e.g. self-signed)")
+    call.add_argument("--cert", nargs=2, metavar=("CERT", "KEY"),
+                      help="with TLS: show this PEM certificate and key (a bot with "
+                           "[sip.tls] verify_peer asks callers for one)")
     call.set_defaults(inputs=[])
 
     bench = sub.add_parser("bench", help="latency, capacity and accuracy benchmarks "
@@ -536,7 +539,8 @@ def _call(cfg: Config, args: argparse.Namespace) -> int:
     phone = Softphone(cfg, args.uri, args.inputs, language=args.lang, barge_in_ms=args.barge_in,
                       dtmf_method=args.dtmf, record=Path(args.record) if args.record else None,
                       timeout_s=args.timeout, identify=args.heard, tls=args.tls,
-                      srtp=args.srtp, ca=Path(args.ca) if args.ca else None)
+                      srtp=args.srtp, ca=Path(args.ca) if args.ca else None,
+                      cert=(Path(args.cert[0]), Path(args.cert[1])) if args.cert else None)
     res = phone.run()
     secure = {"transport": res.transport, "srtp": res.srtp, "contact": res.remote_contact}
     show_secure = phone.tls or args.srtp != "off"

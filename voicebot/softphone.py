@@ -75,7 +75,7 @@ class CallResult:
     # What the caller saw of its own call's security (from the bot's 2xx to the INVITE):
     # the transport our Via carried ("UDP", "TLS"...), the Contact the answering side
     # gave (a worker answering over TLS says ;transport=tls), and whether the answer's
-    # SDP was SRTP (RTP/SAVP with an a=crypto key) and the stream runs over it.
+    # SDP chose SRTP (an a=crypto key in it).
     transport: str = ""
     remote_contact: str = ""
     srtp: bool = False
@@ -183,7 +183,7 @@ class Softphone:
                  record: Path | None = None, timeout_s: float = 300.0,
                  bind: str = "127.0.0.1", grammars: Grammars | None = None,
                  identify: bool = False, tls: bool = False, srtp: str = "off",
-                 ca: Path | None = None) -> None:
+                 ca: Path | None = None, cert: tuple[Path, Path] | None = None) -> None:
         if not uri.startswith(("sip:", "sips:")):
             raise VoicebotError(f"{uri!r} is not a SIP URI; use sip:919@HOST:PORT")
         if srtp not in ("off", "optional", "mandatory"):
@@ -197,6 +197,10 @@ class Softphone:
             uri = uri + ";transport=tls"
         self.srtp = srtp
         self.ca = ca
+        for f in cert or ():
+            if not f.is_file():
+                raise VoicebotError(f"--cert/--key {f}: no such file (PEM)")
+        self.cert = cert  # (certificate, key) shown to a bot that asks (verify_peer)
         if dtmf_method not in ("rfc4733", "info", "inband"):
             raise VoicebotError("--dtmf must be rfc4733, info or inband")
         self.cfg = cfg
@@ -277,6 +281,8 @@ class Softphone:
             if self.ca is not None:
                 tc.tlsConfig.CaListFile = str(self.ca)
                 tc.tlsConfig.verifyServer = True
+            if self.cert is not None:
+                tc.tlsConfig.certFile, tc.tlsConfig.privKeyFile = map(str, self.cert)
             ep.transportCreate(pj.PJSIP_TRANSPORT_TLS, tc)
         else:
             ep.transportCreate(pj.PJSIP_TRANSPORT_UDP, tc)
@@ -421,8 +427,10 @@ class Softphone:
         result.remote_contact = contact.group(1) if contact else ""
         _, _, sdp = msg.partition("\r\n\r\n")
         result.answer_sdp = sdp
+        # An answer with a key is SRTP: RTP/SAVP when we required it, RTP/AVP with a=crypto
+        # when both sides only offered it (PJSIP's "optional", best-effort SRTP).
         audio = re.search(r"(?m)^m=audio \d+ (\S+)", sdp)
-        result.srtp = bool(audio and audio.group(1) == "RTP/SAVP"
+        result.srtp = bool(audio and audio.group(1) in ("RTP/SAVP", "RTP/AVP")
                            and re.search(r"(?m)^a=crypto:", sdp))
 
     def _language_after(self, inp: CallerInput) -> str | None:

@@ -114,13 +114,14 @@ def pj_tls_config(cfg: Config, tls_config: Any) -> None:
     tls = cfg.sip.tls
     tls_config.certFile = str(cfg.resolve(tls.certificate))
     tls_config.privKeyFile = str(cfg.resolve(tls.key))
-    if tls.ca_list:
-        tls_config.CaListFile = str(cfg.resolve(tls.ca_list))
     tls_config.method = pj.PJSIP_TLSV1_2_METHOD
-    # TLS 1.2 and 1.3 (the proto bitmask wins over method when set).
+    # TLS 1.2 and up (this wheel negotiated 1.2 even with 1.3 in the mask).
     tls_config.proto = pj.PJ_SSL_SOCK_PROTO_TLS1_2 | pj.PJ_SSL_SOCK_PROTO_TLS1_3
-    tls_config.verifyClient = tls.verify_peer
-    tls_config.requireClientCert = tls.verify_peer
+    # verify_peer is about callers, checked by the front: the worker's only TLS peer is
+    # Kamailio, whose client certificate (the bot's own) a callers' CA would not sign.
+    # Workers are reachable from the front only ([sip] worker_address, the ACL).
+    tls_config.verifyClient = False
+    tls_config.requireClientCert = False
     tls_config.verifyServer = False
 
 
