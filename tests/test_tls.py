@@ -170,7 +170,10 @@ def test_a_key_not_matching_the_certificate_is_named(tmp_path: Path) -> None:
                             tmp_path / "kam2") == ""
 
 
-def test_verify_peer_refuses_a_caller_without_a_certificate(tmp_path: Path) -> None:
+def test_verify_peer_and_srtp_optional(tmp_path: Path) -> None:
+    """verify_peer refuses a TLS caller without a certificate and answers one whose
+    certificate ca_list signed; with srtp optional a plain UDP/RTP caller (a trunk) is
+    answered too."""
     cert, key = make_cert(tmp_path)
     callers = tmp_path / "callers"
     callers.mkdir()
@@ -186,5 +189,10 @@ def test_verify_peer_refuses_a_caller_without_a_certificate(tmp_path: Path) -> N
         rows = [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
         secure = next(x["security"] for x in rows if "security" in x)
         assert secure["transport"] == "TLS" and secure["srtp"] is True, secure
+        r = bot.call("--press", "3", "--json", "--heard", "--timeout", "60")
+        assert r.returncode == 0, r.stderr + bot.log()[-3000:]
+        heard = next(json.loads(x)["heard"] for x in r.stdout.splitlines()
+                     if isinstance(json.loads(x).get("heard"), list))
+        assert ("main_menu", "en") in {(h["key"], h["language"]) for h in heard}, heard
     finally:
         bot.stop()
