@@ -178,7 +178,7 @@ def test_baresip_dtmf_navigation(bot: Bot, baresip: Baresip) -> None:
 
     rec = bot.wait_call(call_id)
     assert rec.id not in before
-    assert "baresip@127.0.0.1" in (rec.caller or "")
+    assert "baresip@127.0.0.1" in (rec.caller_from or "")
     assert rec.language == "en"
     assert rec.path == ["lang.en", "main.hours"]
     got = [(t["node"], t["input"], t["option"]) for t in rec.turns]
