@@ -164,6 +164,7 @@ def test_every_file_needs_the_password(bot: Bot) -> None:
             assert r.headers.get("WWW-Authenticate", "").startswith('Basic realm="voicebot"')
             # Nothing of the report (or of any caller) in a refusal.
             assert r.text == "authentication required\n"
+            assert "X-Report-Builds" not in r.headers
             assert r.headers.get("Cache-Control") == "no-store"
     # A malformed Authorization header is a refusal too, not an error.
     req = urllib.request.Request(url(bot), headers={"Authorization": "Basic %%%not-base64"})

@@ -445,7 +445,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Security-Policy", CSP)
         self.send_header("X-Frame-Options", "DENY")
         self.send_header("Referrer-Policy", "no-referrer")
-        self.send_header("X-Report-Builds", str(self.live.builds))
+        if code not in (401, 429):  # nothing about the report before the password
+            self.send_header("X-Report-Builds", str(self.live.builds))
         for k, v in (extra or {}).items():
             self.send_header(k, v)
         self.end_headers()
