@@ -87,7 +87,7 @@ def worker_address(cfg: Config, index: int) -> tuple[str, int]:
 
 
 def run_worker(core: VoiceCore, index: int, at: dt.datetime | None,
-               stop: threading.Event) -> None:
+               stop: threading.Event, listen: str | None = None) -> None:
     """One pjsua2 endpoint serving calls until ``stop``, on its private address."""
     from .telephony import Telephony
 
@@ -96,7 +96,11 @@ def run_worker(core: VoiceCore, index: int, at: dt.datetime | None,
     # Before the endpoint takes calls: the calls a killed predecessor left open are closed
     # as interrupted, its half-written recordings made playable.
     run_recovery(core.cfg, store, index)
-    tel = Telephony(core, store, address, rtp, worker=index, clock=make_clock(core, at))
+    # Signalling on the worker address (only the front reaches it), media on the public
+    # one: callers send RTP straight to the worker.
+    media_host, _ = parse_hostport(listen or core.cfg.sip.listen)
+    tel = Telephony(core, store, address, rtp, worker=index, clock=make_clock(core, at),
+                    media_host=media_host)
     try:
         tel.start()
         tel.run(stop)
@@ -479,7 +483,7 @@ class Supervisor:
                 stop = threading.Event()
                 _install_stop_handlers(stop)
                 watch_parent(parent, stop, self.core.cfg.sip.shutdown_grace_s + 5.0)
-                run_worker(self.core, index, self.at, stop)
+                run_worker(self.core, index, self.at, stop, self.listen)
             except BaseException:
                 log.exception("worker %d failed", index)
                 code = 1

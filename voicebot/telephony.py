@@ -609,11 +609,14 @@ class Telephony:
     end, the WAV header, the store) on a finisher thread that touches no pjsua2 object."""
 
     def __init__(self, core: VoiceCore, store: Store, listen: str, rtp_port: int,
-                 worker: int = 0, clock: Any = None) -> None:
+                 worker: int = 0, clock: Any = None, media_host: str | None = None) -> None:
         self.core = core
         self.cfg: Config = core.cfg
         self.store = store
         self.host, self.port = parse_hostport(listen)
+        # RTP is not relayed by the front (Kamailio passes the SDP through): media binds
+        # to the public address callers can reach, while SIP stays on the worker address.
+        self.media_host = media_host or self.host
         self.rtp_port = rtp_port
         self.worker = worker
         self.clock = clock or (lambda: __import__("datetime").datetime.now(core.hours.tz))
@@ -713,14 +716,15 @@ class Telephony:
         mt = acfg.mediaConfig.transportConfig
         mt.port = self.rtp_port
         mt.portRange = sip.rtp_ports_per_worker
-        mt.boundAddress = self.host
+        mt.boundAddress = self.media_host
         tls.pj_srtp(self.cfg, acfg.mediaConfig)
         acc = _Account(self)
         acc.create(acfg, True)
         self.ep, self.acc = ep, acc
-        log.info("worker=%d listening on %s %s:%d%s, RTP %d-%d, srtp %s", self.worker,
+        log.info("worker=%d listening on %s %s:%d%s, RTP %s:%d-%d, srtp %s", self.worker,
                  "+".join(sip.transports), self.host, self.port,
-                 f", tls {self.host}:{self.tls_port}" if self.tls_port else "", self.rtp_port,
+                 f", tls {self.host}:{self.tls_port}" if self.tls_port else "",
+                 self.media_host, self.rtp_port,
                  self.rtp_port + sip.rtp_ports_per_worker - 1, sip.srtp)
 
     def run(self, stop: threading.Event) -> None:
