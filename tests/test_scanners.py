@@ -38,6 +38,7 @@ from pathlib import Path
 import pytest
 from sipbot import Bot, record_ids, sip_options, sipp, sipp_call_id, start_bot
 
+from voicebot.bench.security import sipvicious_cmd
 from voicebot.config import SipConfig
 from voicebot.store import CallRecord
 
@@ -127,38 +128,12 @@ def after_the_attack(bot: Bot) -> None:
     assert_alive(bot)
 
 
-# sipvicious 0.3.3's svwar and svcrack take -b (binding address) but never pass it on to
-# their socket, which binds to every address: their packets to 127.0.0.1 leave from
-# 127.0.0.1, not from the scanner's address. This runs the tool with its scanner class
-# given the binding address, as -b means.
-BIND_SHIM = """
-import importlib, os, sys
-tool, ip = sys.argv[1], sys.argv[2]
-sys.path.insert(0, os.path.dirname(os.path.realpath(sys.argv[3])))
-mod = importlib.import_module("sipvicious." + tool)
-cls = getattr(mod, {"svwar": "TakeASip", "svcrack": "ASipOfRedWine"}[tool])
-init = cls.__init__
-def bound_init(self, *a, **k):
-    k["bindingip"] = ip
-    init(self, *a, **k)
-cls.__init__ = bound_init
-sys.argv = [tool] + sys.argv[4:]
-sys.exit(mod.main())
-"""
-
-
 def scanner(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     """Run one sipvicious tool (bounded by ``timeout``); its own exit code is not the point.
 
-    With ``-b IP``, svwar and svcrack really send from IP (see BIND_SHIM)."""
-    cmd = list(args)
-    if cmd[0] in ("svwar", "svcrack") and "-b" in cmd:
-        path = shutil.which(cmd[0])
-        assert path, f"{cmd[0]} is not installed"
-        interpreter = Path(path).read_text(errors="replace").splitlines()[0][2:].strip()
-        ip = cmd[cmd.index("-b") + 1]
-        cmd = [interpreter, "-c", BIND_SHIM, cmd[0], ip, path, *cmd[1:]]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    With ``-b IP``, svwar and svcrack really send from IP (voicebot.bench.security's shim)."""
+    return subprocess.run(sipvicious_cmd(list(args)), capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def local_port() -> int:

@@ -45,6 +45,39 @@ PROBE_TURNS = 6
 SCAN_SLOWDOWN_MS = 50.0
 
 
+# sipvicious 0.3.3's svwar and svcrack take -b (binding address) but never pass it on to
+# their socket, which binds to every address: their packets to 127.0.0.1 leave from
+# 127.0.0.1, not from the scanner's address. This runs the tool with its scanner class
+# given the binding address, as -b means.
+BIND_SHIM = """
+import importlib, os, sys
+tool, ip = sys.argv[1], sys.argv[2]
+sys.path.insert(0, os.path.dirname(os.path.realpath(sys.argv[3])))
+mod = importlib.import_module("sipvicious." + tool)
+cls = getattr(mod, {"svwar": "TakeASip", "svcrack": "ASipOfRedWine"}[tool])
+init = cls.__init__
+def bound_init(self, *a, **k):
+    k["bindingip"] = ip
+    init(self, *a, **k)
+cls.__init__ = bound_init
+sys.argv = [tool] + sys.argv[4:]
+sys.exit(mod.main())
+"""
+
+
+def sipvicious_cmd(args: list[str]) -> list[str]:
+    """The command line for one sipvicious tool; with ``-b IP`` it really sends from IP."""
+    cmd = list(args)
+    if cmd[0] in ("svwar", "svcrack") and "-b" in cmd:
+        path = shutil.which(cmd[0])
+        if path is None:
+            raise FileNotFoundError(f"{cmd[0]} is not installed (apt-get install sipvicious)")
+        interpreter = Path(path).read_text(errors="replace").splitlines()[0][2:].strip()
+        ip = cmd[cmd.index("-b") + 1]
+        cmd = [interpreter, "-c", BIND_SHIM, cmd[0], ip, path, *cmd[1:]]
+    return cmd
+
+
 class SecurityBot(BotServer):
     """The benchmark bot with the shipped flood limits (the load benches raise them)."""
 
@@ -140,11 +173,12 @@ def _scan_loop(bot_port: int, stop: threading.Event, log: list[str]) -> None:
                             ["svcrack", "-u", "919", "-r", "1000-9999", "--maximumtime", "10"]):
             if stop.is_set():
                 return
-            cmd = [tool, "-b", SCANNER_IP, "-P", str(_free_port(SCANNER_IP)), *args, *target]
+            cmd = sipvicious_cmd([tool, "-b", SCANNER_IP, "-x", SCANNER_IP, "-P",
+                                  str(_free_port(SCANNER_IP)), *args, *target])
             try:
                 out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-                log.append(f"{tool} {args[1] if tool == 'svmap' and len(args) > 2 else ''}"
-                           f"exit {out.returncode}".replace("  ", " "))
+                what = " INVITE" if "INVITE" in args and tool == "svmap" else ""
+                log.append(f"{tool}{what}: exit {out.returncode}")
             except subprocess.TimeoutExpired:
                 log.append(f"{tool}: stopped after 30 s")
 
