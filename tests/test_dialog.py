@@ -326,6 +326,30 @@ def test_spoken_number_in_groups_is_one_turn_after_the_pause(grammars, cfg):  # 
 
 
 
+def test_a_key_in_the_number_turns_speech_off_for_that_entry(grammars, cfg):  # type: ignore[no-untyped-def]
+    call = Call(grammars, cfg, language="ko")
+    call.press("3")  # main.status: the number prompt, listening for keys and spoken digits
+    call.finish_prompts()
+    out = call.press("4")
+    listen = next(a for a in out if isinstance(a, Listen))
+    # Recognition stops (no languages) but the number and its timer go on.
+    assert listen.grammar == "digits" and listen.languages == ()
+    assert listen.no_input_ms == cfg.dialog.no_input_ms
+    # Background talk that still reaches the engine adds nothing and ends nothing.
+    out = call.say(None, 0.9, text="칠 팔")
+    assert not [a for a in out if isinstance(a, (Play, LogTurn))]
+    assert not [a for a in call.press("2") if isinstance(a, Listen)]  # said once per entry
+    out = call.press("#")
+    turn = next(a.turn for a in out if isinstance(a, LogTurn))
+    assert (turn.input, turn.heard, turn.result) == ("dtmf", "42#", "number")
+    readback = next(a for a in out if isinstance(a, Play))
+    assert "4 2" in readback.prompts[0].text and "7" not in readback.prompts[0].text
+    # A new entry (after "no" to the read-back) listens for speech again.
+    out = call.press("2")
+    listen = next(a for a in out if isinstance(a, Listen))
+    assert listen.grammar == "digits" and listen.languages == ("ko",)
+
+
 # --- totality: every mode handles every event, every failure has a spoken path ----------
 
 

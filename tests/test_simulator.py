@@ -16,7 +16,7 @@ import pytest
 from conftest import AFTER_HOURS, IN_HOURS, shared_data
 
 from voicebot.config import PROJECT_ROOT
-from voicebot.frames import read_wav
+from voicebot.frames import read_wav, write_wav
 from voicebot.simulator import CallerInput, Simulator
 
 
@@ -158,3 +158,22 @@ def test_cli_transcript_and_bad_input(tmp_path: Path) -> None:
     assert err.returncode == 2 and "not DTMF keys" in err.stderr
     err = cli("simulate", "--at", "tomorrow")
     assert err.returncode == 2 and "ISO" in err.stderr
+
+
+def test_speech_after_a_key_does_not_enter_the_number(core, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # Korean caller at the number prompt: one stretch of caller audio with in-band "3", a
+    # second of quiet, real spoken digits (espeak-ng through VAD and Vosk), then "5#". The
+    # speech comes long after the key's tone (no masking): it is left out because a key
+    # turned recognition off for this entry.
+    sim = Simulator(core, [], at=IN_HOURS, language="ko")
+    quiet = np.zeros(8000, dtype=np.int16)
+    audio = np.concatenate([sim.caller_audio(CallerInput("press", "3"), "ko"), quiet,
+                            sim.caller_audio(CallerInput("say", "칠 팔"), "ko"), quiet,
+                            sim.caller_audio(CallerInput("press", "5#"), "ko")])
+    wav = tmp_path / "key-speech-key.wav"
+    write_wav(wav, audio, 8000)
+    res = run(core, [*press("3"), CallerInput("say_wav", str(wav))], language="ko")
+    number = next(t for t in res.turns if t.node == "status")
+    assert (number.input, number.heard, number.result) == ("dtmf", "35#", "number")
+    readback = next(p for p in res.played if p.prompt.key == "status_readback")
+    assert "3 5" in readback.prompt.text and "7" not in readback.prompt.text

@@ -423,6 +423,7 @@ class _NumberEntry:
     said: tuple[str, ...] = ()  # what ASR heard, group by group
     end_ms: float | None = None  # end of the last spoken group (media time)
     confidence: float = 1.0  # lowest ASR confidence over the spoken groups
+    keyed: bool = False  # a key was pressed: speech is off for the rest of this entry
 
 
 @dataclass
@@ -1048,7 +1049,12 @@ class DialogEngine:
                                           self.st.language), *out]
             if ev.digit.isdigit() and len(self.st.entry.digits) < MAX_NUMBER_DIGITS:
                 self.st.entry.digits += ev.digit  # no turn per digit: the number is one turn
-                return stop
+                if self.st.entry.keyed:
+                    return stop
+                # The caller is keying the number: from now on background talk must not add
+                # digits to it, so recognition stops for this entry (keys and the timer go on).
+                self.st.entry.keyed = True
+                return [*stop, Listen("status", (), (), self.s.no_input_ms, "digits")]
             if ev.digit != "#":
                 return stop
             return [*stop, *self._number_done(ev.t_ms, "#", barge)]
@@ -1064,6 +1070,8 @@ class DialogEngine:
         barge = bool(self.st.playing) or self.st.barged
         self.st.barged = False
         stop = self._stop("barge-in: speech")
+        if mode is Mode.DIGITS and self.st.entry.keyed:
+            return stop  # speech after a key in this entry is not part of the number
         if mode is Mode.DIGITS:
             pack = self.g.packs.get(ev.language) or self.g.pack(self._lang())
             said = pack.parse_digits(ev.text)
