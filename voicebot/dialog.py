@@ -221,14 +221,44 @@ EVENT_TYPES: tuple[type, ...] = get_args(Event)
 # --- actions (out) -----------------------------------------------------------------------
 
 
+# Caller controls (issue 12): the speech rates a caller can step through (a multiple of
+# the configured espeak-ng words per minute, rendered by espeak itself) and the gains.
+RATES = (0.75, 1.0, 1.25)
+GAINS_DB = (0, 6, 12)
+
+
+@dataclass(frozen=True)
+class CallerSettings:
+    """What a caller changed for themselves, kept for the call and remembered for their
+    number. rate_step: -1, 0, +1 (index into RATES around 1.0); gain_db: 0, 6 or 12 (dB over
+    the prompt level); more_time: 0 (the node's no-input time), 1 (three times it), 2 (no
+    no-input timer; the call still ends at max_call_s)."""
+
+    rate_step: int = 0
+    gain_db: int = 0
+    more_time: int = 0
+
+    @property
+    def rate(self) -> float:
+        return RATES[self.rate_step + 1]
+
+    @property
+    def default(self) -> bool:
+        return self == CallerSettings()
+
+
 @dataclass(frozen=True)
 class Prompt:
-    """One prompt to say: pack language, prompt key, final text, TTS voice."""
+    """One prompt to say: pack language, prompt key, final text, TTS voice.
+    rate: a multiple of the configured speech rate (one of RATES); gain_db: dB over the
+    configured prompt level (one of GAINS_DB), applied with a limiter so nothing clips."""
 
     language: str
     key: str
     text: str
     voice: str
+    rate: float = 1.0
+    gain_db: int = 0
 
 
 @dataclass(frozen=True)
