@@ -59,12 +59,33 @@ SYSTEM_PROMPTS: dict[str, frozenset[str]] = {
     "record_failed": frozenset(),
     "callback_failed": frozenset(),
 }
+# Caller controls (issue 12), needed when the menu has [controls]: the help that says the
+# keys, each control's acknowledgement, the end of a range, the warning before a timeout
+# moves the call on, and the sentence that says remembered settings were applied.
+CONTROL_PROMPTS: dict[str, frozenset[str]] = {
+    "help": frozenset(),
+    "control_slower": frozenset(),
+    "control_faster": frozenset(),
+    "control_louder": frozenset(),
+    "control_quieter": frozenset(),
+    "control_more_time": frozenset(),
+    "control_no_timeout": frozenset(),
+    "control_limit": frozenset(),
+    "timeout_warning": frozenset(),
+    "timeout_warning_digits": frozenset(),
+    "settings_restored": frozenset(),
+}
 
 # Application states the store accepts; each has a status_<state> prompt in every pack.
 APPLICATION_STATES = ("received", "in_review", "approved", "rejected", "ready")
 DIGITS = "0123456789"
 
 ACTIONS = ("operator", "status")
+# Caller controls: help and more_time have keys at every node; the other four have keys
+# inside help only (elsewhere they are said).
+CONTROLS = ("help", "more_time", "slower", "faster", "louder", "quieter")
+GLOBAL_CONTROLS = ("help", "more_time")
+HELP_NODE = "help"  # the help sub-menu the help control opens
 OFFER_MODES = ("always", "with_model")
 
 
@@ -82,9 +103,10 @@ def normalize_text(text: str) -> str:
 class Option:
     """One choice at a menu node.
 
-    kind: "language", "goto", "play", "action", "record", or "command" (repeat/back) or
-    "confirm".
-    target: the language code, node id, prompt key, action name or message type (record).
+    kind: "language", "goto", "play", "action", "record", "command" (repeat, back,
+    operator), "confirm" or "control" (a caller control: target is its name in CONTROLS).
+    target: the language code, node id, prompt key, action name, message type (record),
+    command or control name. key "" is an option that is said, not keyed.
     """
 
     id: str
@@ -117,14 +139,39 @@ class Menu:
     yes: Option
     no: Option
     file: Path
+    operator: Option | None = None
+    controls: tuple[Option, ...] = ()  # each control with its key inside help
 
     def node(self, node_id: str) -> Node:
+        if node_id == HELP_NODE and node_id not in self.nodes:
+            return self.help_node()
         return self.nodes[node_id]
 
+    def help_node(self) -> Node:
+        """The help sub-menu: the controls on their keys; * goes back where help was opened."""
+        return Node(HELP_NODE, "help", self.controls, back=None)
+
+    def control(self, name: str) -> Option | None:
+        return next((o for o in self.controls if o.target == name), None)
+
+    def has_node(self, node_id: str) -> bool:
+        return node_id in self.nodes or (node_id == HELP_NODE and bool(self.controls))
+
     def choices(self, node_id: str) -> tuple[Option, ...]:
-        """Options a caller can pick at a node: its own, repeat, and back where it has a parent."""
-        node = self.nodes[node_id]
-        extra = [self.repeat] + ([self.back] if node.back else [])
+        """Options a caller can pick at a node: its own, repeat, back where it has a parent
+        (and always in help), the operator unless the node has its own operator option, and
+        the caller controls: help and more time on their keys, the others by voice."""
+        node = self.node(node_id)
+        extra = [self.repeat]
+        if node.back or node_id == HELP_NODE:
+            extra.append(self.back)
+        own_operator = any(o.kind == "action" and o.target == "operator" for o in node.options)
+        if self.operator is not None and not own_operator:
+            extra.append(self.operator)
+        if node_id != HELP_NODE:
+            for c in self.controls:
+                key = c.key if c.target in GLOBAL_CONTROLS else ""
+                extra.append(Option(c.id, key, c.kind, c.target))
         return (*node.options, *extra)
 
     def confirm_choices(self) -> tuple[Option, ...]:
@@ -136,11 +183,16 @@ class Menu:
         for node in self.nodes.values():
             out.extend(node.options)
         out.extend([self.repeat, self.back, self.yes, self.no])
+        if self.operator is not None:
+            out.append(self.operator)
+        out.extend(self.controls)
         return out
 
     def prompt_keys(self) -> set[str]:
         """Prompt keys the menu refers to (node prompts and played prompts)."""
-        keys = {n.prompt for n in self.nodes.values()}
+        keys = set(SYSTEM_PROMPTS) | {n.prompt for n in self.nodes.values()}
+        if self.controls:
+            keys |= set(CONTROL_PROMPTS)
         keys |= {o.target for n in self.nodes.values() for o in n.options if o.kind == "play"}
         return keys
 
@@ -264,7 +316,7 @@ class Grammars:
         return self.packs[language]
 
     def required_prompts(self) -> set[str]:
-        return set(SYSTEM_PROMPTS) | self.menu.prompt_keys()
+        return self.menu.prompt_keys()
 
 
 # --- loading ---------------------------------------------------------------------------
@@ -358,11 +410,11 @@ def load_menu(path: Path, errs: _Collector) -> Menu | None:
     except DataError as exc:
         errs.errors.append(exc)
         return None
-    _unknown(errs, path, "", data, ("call", "commands", "confirm", "nodes"))
+    _unknown(errs, path, "", data, ("call", "commands", "confirm", "controls", "nodes"))
     call = _table(errs, path, data, "call")
     _unknown(errs, path, "call", call, ("start", "home", "fallback"))
     commands = _table(errs, path, data, "commands")
-    _unknown(errs, path, "commands", commands, ("repeat", "back"))
+    _unknown(errs, path, "commands", commands, ("repeat", "back", "operator"))
     confirm = _table(errs, path, data, "confirm")
     _unknown(errs, path, "confirm", confirm, ("yes", "no"))
     repeat = _command(errs, path, _table(errs, path, commands, "repeat", "commands"),
@@ -373,6 +425,38 @@ def load_menu(path: Path, errs: _Collector) -> Menu | None:
                    "confirm")
     no = _command(errs, path, _table(errs, path, confirm, "no", "confirm"), "confirm.no",
                   "confirm")
+    operator: Option | None = None
+    if "operator" in commands:
+        operator = _command(errs, path, _table(errs, path, commands, "operator", "commands"),
+                            "commands.operator", "command")
+    raw_controls = data.get("controls", {})
+    if not isinstance(raw_controls, dict):
+        errs.add(path, "controls", "expected a table")
+        raw_controls = {}
+    _unknown(errs, path, "controls", raw_controls, CONTROLS)
+    controls: list[Option] = []
+    help_keys: dict[str, str] = {back.key: back.id, repeat.key: repeat.id}
+    for name in CONTROLS:
+        if name not in raw_controls:
+            if raw_controls:
+                errs.add(path, f"controls.{name}", "missing: give every control an id and a key")
+            continue
+        c = _command(errs, path, _table(errs, path, raw_controls, name, "controls"),
+                     f"controls.{name}", "control")
+        c = Option(c.id, c.key, "control", name)
+        if c.key in help_keys and help_keys[c.key] != c.id:
+            errs.add(path, f"controls.{name}.key",
+                     f"key {c.key!r} is already used in help by {help_keys[c.key]}")
+        elif c.key:
+            help_keys[c.key] = c.id
+        controls.append(c)
+    # Keys that work at every node: no menu option may use them (the operator key only by
+    # an operator option, which then takes the command's place at its node).
+    global_keys = {c.key: c.id for c in controls if c.target in GLOBAL_CONTROLS and c.key}
+    for key, cid in global_keys.items():
+        if key in (repeat.key, back.key) or (operator is not None and key == operator.key):
+            errs.add(path, f"controls.{cid.split('.')[-1]}.key",
+                     f"key {key!r} is already a command key")
     if yes.key and yes.key == no.key:
         errs.add(path, "confirm.no.key", f"key {no.key!r} is already used by {yes.id}")
 
@@ -380,6 +464,10 @@ def load_menu(path: Path, errs: _Collector) -> Menu | None:
     seen_ids: dict[str, str] = {o.id: w for o, w in ((repeat, "commands.repeat"),
                                                      (back, "commands.back"),
                                                      (yes, "confirm.yes"), (no, "confirm.no"))}
+    if operator is not None:
+        seen_ids[operator.id] = "commands.operator"
+    for c in controls:
+        seen_ids[c.id] = f"controls.{c.target}"
     raw_nodes = _table(errs, path, data, "nodes")
     for node_id, raw in raw_nodes.items():
         where = f"nodes.{node_id}"
@@ -394,7 +482,7 @@ def load_menu(path: Path, errs: _Collector) -> Menu | None:
         if not isinstance(raw_opts, list) or not raw_opts:
             errs.add(path, f"{where}.options", "expected a non-empty list of options")
             raw_opts = []
-        keys: dict[str, str] = {repeat.key: repeat.id}
+        keys: dict[str, str] = {repeat.key: repeat.id, **global_keys}
         if node_back:
             keys[back.key] = back.id
         options: list[Option] = []
@@ -424,6 +512,10 @@ def load_menu(path: Path, errs: _Collector) -> Menu | None:
                 continue
             kind = kinds[0]
             target = _str(errs, path, ro, kind, ow)
+            if (operator is not None and key == operator.key
+                    and not (kind == "action" and target == "operator")):
+                errs.add(path, f"{ow}.key", f"key {key!r} is the operator key "
+                         f"(commands.operator) at every menu; only an operator option may use it")
             if kind == "action" and target and target not in ACTIONS:
                 errs.add(path, f"{ow}.action", f"unknown action {target!r}; known: {ACTIONS}")
             options.append(Option(oid, key, kind, target))
@@ -442,7 +534,10 @@ def load_menu(path: Path, errs: _Collector) -> Menu | None:
         for i, o in enumerate(node.options):
             if o.kind == "goto" and o.target not in nodes:
                 errs.add(path, f"nodes.{node.id}.options[{i}].goto", f"no node named {o.target!r}")
-    return Menu(nodes, start, home, fallback, repeat, back, yes, no, path)
+    if HELP_NODE in nodes and controls:
+        errs.add(path, f"nodes.{HELP_NODE}", "the name is taken by the help of [controls]")
+    return Menu(nodes, start, home, fallback, repeat, back, yes, no, path, operator,
+                tuple(controls))
 
 
 _FORMAT_KEYS = ("locale", "time", "time_minutes", "am", "pm", "hour_word", "minute_word",
@@ -556,7 +651,7 @@ def load_pack(path: Path, menu: Menu, errs: _Collector) -> Pack | None:
         if not isinstance(text, str) or not text.strip():
             errs.add(path, f"prompts.{key}", "expected non-empty text")
             continue
-        allowed = SYSTEM_PROMPTS.get(key, frozenset())
+        allowed = SYSTEM_PROMPTS.get(key, CONTROL_PROMPTS.get(key, frozenset()))
         found = _placeholders(text)
         if found is None:
             errs.add(path, f"prompts.{key}", "unbalanced { } in the text")
@@ -633,6 +728,8 @@ def load_pack(path: Path, menu: Menu, errs: _Collector) -> Pack | None:
 
     # The same spoken keyword for two options at one node would make speech ambiguous.
     node_sets = [menu.choices(n) for n in menu.nodes] + [menu.confirm_choices()]
+    if menu.controls:
+        node_sets.append(menu.choices(HELP_NODE))
     for choices in node_sets:
         owner: dict[str, str] = {}
         for o in choices:
@@ -674,7 +771,7 @@ def load_grammars(root: Path) -> Grammars:
                 packs[pack.language] = pack
             else:
                 unreadable.add(f.stem)
-        required = set(SYSTEM_PROMPTS) | menu.prompt_keys()
+        required = menu.prompt_keys()
         union = required | {k for p in packs.values() for k in p.prompts}
         for pack in packs.values():
             for key in sorted(union - set(pack.prompts)):
