@@ -36,14 +36,41 @@ from __future__ import annotations
 import datetime as dt
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, get_args
 
 from .hours import WorkingHours
-from .menus import APPLICATION_STATES, Grammars, Node, Option
+from .menus import APPLICATION_STATES, HELP_NODE, Grammars, Node, Option, normalize_text
 from .spoken import say_hours
 
 # --- events (in) -------------------------------------------------------------------------
+
+# Caller controls (issue 12): the speech rates a caller can step through (a multiple of
+# the configured espeak-ng words per minute, rendered by espeak itself) and the gains.
+RATES = (0.75, 1.0, 1.25)
+GAINS_DB = (0, 6, 12)
+
+
+@dataclass(frozen=True)
+class CallerSettings:
+    """What a caller changed for themselves, kept for the call and remembered for their
+    number. rate_step: -1, 0, +1 (index into RATES around 1.0); gain_db: 0, 6 or 12 (dB over
+    the prompt level); more_time: 0 (the node's no-input time), 1 (three times it), 2 (no
+    no-input timer; the call still ends at max_call_s)."""
+
+    rate_step: int = 0
+    gain_db: int = 0
+    more_time: int = 0
+
+    @property
+    def rate(self) -> float:
+        return RATES[self.rate_step + 1]
+
+    @property
+    def default(self) -> bool:
+        return self == CallerSettings()
+
+
 
 
 @dataclass(frozen=True)
@@ -54,6 +81,7 @@ class CallStarted:
     at: dt.datetime
     language: str | None = None
     t_ms: float = 0.0
+    settings: CallerSettings | None = None  # remembered for this caller number (issue 12)
 
 
 @dataclass(frozen=True)
@@ -221,32 +249,6 @@ EVENT_TYPES: tuple[type, ...] = get_args(Event)
 # --- actions (out) -----------------------------------------------------------------------
 
 
-# Caller controls (issue 12): the speech rates a caller can step through (a multiple of
-# the configured espeak-ng words per minute, rendered by espeak itself) and the gains.
-RATES = (0.75, 1.0, 1.25)
-GAINS_DB = (0, 6, 12)
-
-
-@dataclass(frozen=True)
-class CallerSettings:
-    """What a caller changed for themselves, kept for the call and remembered for their
-    number. rate_step: -1, 0, +1 (index into RATES around 1.0); gain_db: 0, 6 or 12 (dB over
-    the prompt level); more_time: 0 (the node's no-input time), 1 (three times it), 2 (no
-    no-input timer; the call still ends at max_call_s)."""
-
-    rate_step: int = 0
-    gain_db: int = 0
-    more_time: int = 0
-
-    @property
-    def rate(self) -> float:
-        return RATES[self.rate_step + 1]
-
-    @property
-    def default(self) -> bool:
-        return self == CallerSettings()
-
-
 @dataclass(frozen=True)
 class Prompt:
     """One prompt to say: pack language, prompt key, final text, TTS voice.
@@ -384,8 +386,17 @@ class LogTurn:
     turn: Turn
 
 
+@dataclass(frozen=True)
+class SaveCallerSettings:
+    """The caller changed a control: remember ``settings`` for their number (the shell
+    stores them for 90 days; default settings forget the number)."""
+
+    settings: CallerSettings
+
+
 Action = (Play | StopPlayback | Listen | StopListening | Transfer | HangUp | LogTurn
-          | LookupApplication | StartRecording | StopRecording | RequestCallback)
+          | LookupApplication | StartRecording | StopRecording | RequestCallback
+          | SaveCallerSettings)
 
 
 BEEP = "beep"  # prompt key of the tone before a message; the shell plays a tone, not TTS
@@ -484,6 +495,11 @@ class _State:
     faults: int = 0
     ending: bool = False  # EndCall came: only the goodbye and the hang-up are left
     hangup_reason: str = "goodbye"  # HangUp reason once the closing prompt ends
+    settings: CallerSettings = field(default_factory=CallerSettings)  # the caller's controls
+    help_from: str = ""  # the menu node help was opened from (* and a control go back there)
+    slack: bool = False  # the next Listen follows a no-input or no-match: 1.5x its time
+    warned: bool = False  # the timeout warning was said for the Listen in force
+    last_listen: Listen | None = None  # the Listen in force (the warning listens again)
 
 
 class DialogEngine:
@@ -540,7 +556,16 @@ class DialogEngine:
     def handle(self, event: Event) -> list[Action]:
         """The actions for one event. Every (mode, event) pair has its handler in
         ``_DISPATCH``; an event a mode does not concern is ignored there explicitly."""
-        return _DISPATCH[self.st.mode][type(event)](self, event)
+        out = _DISPATCH[self.st.mode][type(event)](self, event)
+        for a in reversed(out):
+            if isinstance(a, Listen):
+                self.st.last_listen = a
+                break
+        return out
+
+    @property
+    def settings(self) -> CallerSettings:
+        return self.st.settings
 
     def _ignore(self, ev: Event) -> list[Action]:
         return []
@@ -558,7 +583,10 @@ class DialogEngine:
         lang = language or self.st.language or self.s.default_language
         pack = self.g.pack(lang)
         text = say_hours(pack, self.s.hours) if key == "hours" else pack.text(key, **params)
-        return Prompt(lang, key, text, pack.voice)
+        # Every prompt carries the caller's rate and loudness, so a change takes effect at
+        # the next prompt.
+        return Prompt(lang, key, text, pack.voice, self.st.settings.rate,
+                      self.st.settings.gain_db)
 
     def _prompts(self, key: str) -> tuple[Prompt, ...]:
         """``key`` in the caller's language, or, before a language is chosen, in every
@@ -579,10 +607,27 @@ class DialogEngine:
             langs = [o.target for o in node.options
                      if o.kind == "language" and o.target in self.s.offered]
             return tuple(self._prompt(node.prompt, lang) for lang in langs)
+        if node_id == HELP_NODE:
+            return self._prompts(node.prompt)
         prompts = [self._prompt(node.prompt)]
         if self.st.language in self.s.speech_languages:
             prompts.append(self._prompt("speech_hint"))
         return tuple(prompts)
+
+    def _no_input_ms(self, base: int | None = None) -> int:
+        """The no-input time of the next Listen: the configured one, x3 after "more time",
+        0 (no timer) after a second "more time", and x1.5 right after a no-input or a
+        no-match (the caller is struggling: give them longer)."""
+        ms = self.s.no_input_ms if base is None else base
+        more = self.st.settings.more_time
+        if more >= 2:
+            return 0
+        if more == 1:
+            ms *= 3
+        if self.st.slack:
+            ms = ms * 3 // 2
+        self.st.slack = False
+        return ms
 
     def _listen(self, node_id: str) -> Listen:
         node = self.menu.node(node_id)
@@ -592,7 +637,7 @@ class DialogEngine:
             lang = self.st.language or self.s.default_language
             langs = (lang,) if lang in self.s.speech_languages else ()
         return Listen(node_id, langs, tuple(o.id for o in self._offered_here(node)),
-                      self.s.no_input_ms)
+                      self._no_input_ms())
 
     def _play(self, prompts: tuple[Prompt, ...], barge_in: bool = True,
               remember: bool = True) -> Play:
@@ -614,12 +659,15 @@ class DialogEngine:
         self.st.node = node_id
         self.st.mode = Mode.MENU
         self.st.pending = None
+        self.st.warned = False
         return [self._play((*lead, *self._menu_prompts(node_id))), self._listen(node_id)]
 
     def _menu_node(self) -> str:
         """The menu to return to: the current node if it is a menu node (the status,
         callback and message duties are not), else home, or the language menu before a
         language was chosen."""
+        if self.st.node == HELP_NODE and self.st.help_from:
+            return self.st.help_from
         if self.st.node in self.menu.nodes:
             return self.st.node
         return self.menu.home if self.st.language is not None else self.menu.start
@@ -642,8 +690,14 @@ class DialogEngine:
         # rather than leave the caller in silence.
         language = ev.language if ev.language in self.g.packs else None
         welcome_lang = language or self.s.default_language
-        welcome = self._play((self._prompt("welcome", welcome_lang),), barge_in=False,
-                             remember=False)
+        # The caller's remembered controls apply from the first prompt; one short sentence
+        # after the welcome says so (only where the menu has controls to change them back).
+        restored: tuple[Prompt, ...] = ()
+        if ev.settings is not None and not ev.settings.default and self.menu.controls:
+            self.st.settings = _clamp(ev.settings)
+            restored = (self._prompt("settings_restored", welcome_lang),)
+        welcome = self._play((self._prompt("welcome", welcome_lang), *restored),
+                             barge_in=False, remember=False)
         if language:
             self.st.language = language
             return [welcome, *self._go_menu(self.menu.home)]
@@ -856,7 +910,7 @@ class DialogEngine:
             out: list[Action] = [
                 self._play((self._prompt("confirm", ev.language, label=label),)),
                 Listen("confirm", (ev.language,),
-                       tuple(o.id for o in self.menu.confirm_choices()), self.s.no_input_ms),
+                       tuple(o.id for o in self.menu.confirm_choices()), self._no_input_ms()),
             ]
             turn = self._turn(ev.t_ms, "speech", ev.text, ev.score, None, "confirm", out, barge,
                               ev.input_end_ms, node, ev.language)
@@ -866,11 +920,25 @@ class DialogEngine:
                           ev.input_end_ms, node, ev.language)
         return [*actions, turn, *out]
 
+    def _warn(self, digits: bool = False) -> list[Action] | None:
+        """Before a no-input timeout ends the call or moves the caller on: once, say that the
+        bot is still listening and how to ask for more time, and listen again (issue 12).
+        None when the warning was already said for this Listen (the timeout goes ahead)."""
+        if self.st.warned or self.st.last_listen is None or not self.menu.controls:
+            return None
+        self.st.warned = True
+        key = "timeout_warning_digits" if digits else "timeout_warning"
+        return [self._play(self._prompts(key), remember=False), self.st.last_listen]
+
     def _menu_timeout(self, ev: InputTimeout) -> list[Action]:
         if self.st.playing:
             return []
         node = "confirm" if self.st.mode is Mode.CONFIRM else self.st.node
         lang = self.st.language
+        warning = self._warn() if self.st.retries >= self.s.max_retries else None
+        if warning is not None:
+            return [self._turn(ev.t_ms, "none", "", None, None, "no_input", warning, False,
+                               None, node, lang), *warning]
         out = self._failure("no_input", ev.t_ms)
         return [self._turn(ev.t_ms, "none", "", None, None, "no_input", out, False, None, node,
                            lang), *out]
@@ -879,6 +947,9 @@ class DialogEngine:
 
     def _choose(self, option: Option, t_ms: float) -> list[Action]:
         """Carry out an option; returns the actions (without the turn log)."""
+        self.st.warned = False
+        if option.kind == "control":
+            return self._control(option.target)
         self.st.retries = 0
         if option.id == self.menu.yes.id:
             pending = self.st.pending
@@ -896,8 +967,12 @@ class DialogEngine:
             return [self._play(self.st.last_prompts or self._menu_prompts(self.st.node)),
                     self._listen(self.st.node)]
         if option.id == self.menu.back.id:
+            if self.st.node == HELP_NODE:
+                return self._go_menu(self._menu_node())
             parent = self.menu.node(self.st.node).back or self.st.node
             return self._go_menu(parent)
+        if self.menu.operator is not None and option.id == self.menu.operator.id:
+            return self._operator(t_ms)
         if option.kind == "language":
             self.st.language = option.target
             return self._go_menu(self.menu.home)
@@ -914,6 +989,37 @@ class DialogEngine:
         if option.kind == "record":
             return self._record_intro(option)
         raise ValueError(f"option {option.id} has an unknown kind {option.kind}")
+
+    # -- caller controls (issue 12) --
+
+    def _control(self, name: str) -> list[Action]:
+        """Help opens the help menu; every other control changes the caller's setting (or
+        says it is at its limit), acknowledges it at the new setting, and says the menu the
+        caller was at again. A control is no retry: the caller is doing well."""
+        if name == "help":
+            if self.st.node != HELP_NODE:
+                self.st.help_from = self.st.node
+            return self._go_menu(HELP_NODE)
+        old = self.st.settings
+        rate, gain, more = old.rate_step, old.gain_db, old.more_time
+        if name == "slower":
+            rate -= 1
+        elif name == "faster":
+            rate += 1
+        elif name == "louder":
+            gain += 6
+        elif name == "quieter":
+            gain -= 6
+        elif name == "more_time":
+            more += 1
+        new = _clamp(CallerSettings(rate, gain, more))
+        node = self._menu_node()
+        if new == old:
+            return self._go_menu(node, (self._prompt("control_limit"),))
+        self.st.settings = new
+        key = {"more_time": "control_no_timeout" if new.more_time >= 2 else "control_more_time"
+               }.get(name, f"control_{name}")
+        return [SaveCallerSettings(new), *self._go_menu(node, (self._prompt(key),))]
 
     def _to_operator(self, lead: tuple[Prompt, ...]) -> list[Action]:
         self.st.mode = Mode.TRANSFER
@@ -936,6 +1042,7 @@ class DialogEngine:
         self.st.pending = None
         self.st.retries += 1
         if self.st.retries <= self.s.max_retries:
+            self.st.slack = True
             return self._go_menu(node, (self._prompt(kind),))
         self.st.retries = 0
         self.st.escalations += 1
@@ -950,7 +1057,9 @@ class DialogEngine:
         open_ = self._open(t_ms) and not (self.st.escalations > 1 and self.st.transfer_failures)
         if open_:
             return self._to_operator(lead)
-        if self.st.escalations > 1:
+        # A caller who asked for more time is never hung up on for silence: they get the
+        # information menu again (the call still ends at max_call_s).
+        if self.st.escalations > 1 and not self.st.settings.more_time:
             self.st.served = True  # the bot ends the call itself, politely
             return [*self._close((*lead, self._prompt("goodbye")), "goodbye"), StopListening()]
         return self._go_menu(self.menu.fallback, (*lead, self._prompt("escalate_info")))
@@ -966,7 +1075,15 @@ class DialogEngine:
 
     def _yes_no_listen(self) -> Listen:
         return Listen("confirm", self._speech_langs(),
-                      tuple(o.id for o in self.menu.confirm_choices()), self.s.no_input_ms)
+                      tuple(o.id for o in self.menu.confirm_choices()), self._no_input_ms())
+
+    def _number_listen(self, keyed: bool = False) -> Listen:
+        """The Listen for an application number: spoken digits (and "more time") until a key
+        is pressed, keys only after it."""
+        more = self.menu.control("more_time")
+        options = (more.id,) if more is not None and not keyed else ()
+        return Listen("status", () if keyed else self._speech_langs(), options,
+                      self._no_input_ms(), "digits")
 
     @staticmethod
     def spell(digits: str) -> str:
@@ -978,8 +1095,8 @@ class DialogEngine:
         self.st.mode = Mode.DIGITS
         self.st.entry = _NumberEntry()
         self.st.pending = None
-        return [self._play((*lead, self._prompt("status_ask"))),
-                Listen("status", self._speech_langs(), (), self.s.no_input_ms, "digits")]
+        self.st.warned = False
+        return [self._play((*lead, self._prompt("status_ask"))), self._number_listen()]
 
     def _status_failure(self, kind: str, t_ms: float,
                         lead: tuple[Prompt, ...] = ()) -> list[Action]:
@@ -988,6 +1105,7 @@ class DialogEngine:
         self.st.status_failures += 1
         lead = lead or (self._prompt(kind),)
         if self.st.status_failures < self.s.status_attempts:
+            self.st.slack = kind in ("no_input", "no_match")
             return self._ask_number(lead)
         self.st.status_failures = 0
         if self._open(t_ms):
@@ -1084,13 +1202,58 @@ class DialogEngine:
                 # The caller is keying the number: from now on background talk must not add
                 # digits to it, so recognition stops for this entry (keys and the timer go on).
                 self.st.entry.keyed = True
-                return [*stop, Listen("status", (), (), self.s.no_input_ms, "digits")]
+                return [*stop, self._number_listen(keyed=True)]
             if ev.digit != "#":
                 return stop
             return [*stop, *self._number_done(ev.t_ms, "#", barge)]
+        control = self._duty_key(ev, barge)
+        if control is not None:
+            return [*stop, *control]
         answer = self._yes_no(ev.digit, None)
         return [*stop, *self._answer(answer, ev.t_ms, "dtmf", ev.digit, 1.0, barge, ev.t_ms,
                                      self.st.language)]
+
+    def _duty_key(self, ev: DtmfReceived, barge: bool) -> list[Action] | None:
+        """At a yes/no question of a duty: 0 reaches the operator, 6 gives more time (the
+        question is asked again at the new setting); None for every other key."""
+        node = "confirm" if self.st.mode is Mode.STATUS_CONFIRM else "callback"
+        op, more = self.menu.operator, self.menu.control("more_time")
+        if op is not None and ev.digit == op.key:
+            self.st.warned = False
+            out = self._operator(ev.t_ms)
+            chosen: str = op.id
+        elif more is not None and ev.digit == more.key:
+            out = self._more_time_here()
+            chosen = more.id
+        else:
+            return None
+        return [self._turn(ev.t_ms, "dtmf", ev.digit, 1.0, chosen, "accepted", out, barge,
+                           ev.t_ms, node, self.st.language), *out]
+
+    def _more_time_here(self) -> list[Action]:
+        """"More time" in a duty: acknowledged, then the same question or number prompt again
+        with the longer timer."""
+        self.st.warned = False
+        old = self.st.settings
+        new = _clamp(replace(old, more_time=old.more_time + 1))
+        if new == old:
+            ack, save = self._prompt("control_limit"), []
+        else:
+            self.st.settings = new
+            ack = self._prompt("control_no_timeout" if new.more_time >= 2
+                               else "control_more_time")
+            save = [SaveCallerSettings(new)]
+        if self.st.mode is Mode.DIGITS:
+            listen = self._number_listen(self.st.entry.keyed)
+        else:
+            listen = self._yes_no_listen()
+        question = "status_ask" if self.st.mode is Mode.DIGITS else (
+            "callback_offer" if self.st.mode is Mode.OFFER else "")
+        if self.st.mode is Mode.STATUS_CONFIRM:
+            again = self._prompt("status_readback", number=self.spell(self.st.number))
+        else:
+            again = self._prompt(question)
+        return [*save, self._play((ack, again)), listen]
 
     def _duty_speech(self, ev: SpeechRecognized) -> list[Action]:
         mode = self.st.mode
@@ -1115,6 +1278,8 @@ class DialogEngine:
                 entry.confidence = min(entry.confidence, ev.asr_confidence)
                 return [*stop, Listen("status", self._speech_langs(), (),
                                       self.s.digit_pause_ms, "digits")]
+            if self._says(ev, "more_time"):
+                return [*stop, *self._more_time_here()]
             if self.st.entry.digits:
                 return stop  # a cough or a word between groups: keep waiting for digits
             out = self._number_entered(ev.t_ms)
@@ -1124,6 +1289,18 @@ class DialogEngine:
         answer = self._yes_no(None, ev.option if ev.score >= self.s.confirm else None)
         return [*stop, *self._answer(answer, ev.t_ms, "speech", ev.text, ev.score, barge,
                                      ev.input_end_ms, ev.language)]
+
+    def _says(self, ev: SpeechRecognized, control: str) -> bool:
+        """The utterance is one of ``control``'s keywords in its language (the digits
+        grammar has no classifier, so the words themselves decide)."""
+        option = self.menu.control(control)
+        pack = self.g.packs.get(ev.language)
+        if option is None or pack is None or option.id not in pack.options:
+            return False
+        words = pack.words(option.id)
+        said = normalize_text(ev.text)
+        return bool(said) and any(said in (normalize_text(k), words.asr_phrase(k))
+                                  for k in words.keywords)
 
     def _answer(self, answer: bool | None, t_ms: float, input_: str, heard: str,
                 confidence: float | None, barge: bool, input_end_ms: float | None,
@@ -1153,6 +1330,7 @@ class DialogEngine:
             self.st.retries += 1
             if self.st.retries <= self.s.max_retries:
                 self.st.mode = Mode.OFFER
+                self.st.slack = True
                 out = [self._play((self._prompt("no_match"), self._prompt("callback_offer"))),
                        self._yes_no_listen()]
             else:
@@ -1168,6 +1346,15 @@ class DialogEngine:
             # The caller paused after spoken digits, or keyed a number but forgot #: the
             # number is complete.
             return self._number_done(ev.t_ms)
+        # The timeout that would move the caller on (to the operator, a callback offer or
+        # the information menu) is warned about first.
+        last = (self.st.status_failures + 1 >= self.s.status_attempts if mode in
+                (Mode.DIGITS, Mode.STATUS_CONFIRM) else self.st.retries >= self.s.max_retries)
+        warning = self._warn(digits=mode is Mode.DIGITS) if last else None
+        if warning is not None:
+            node = {Mode.DIGITS: "status", Mode.STATUS_CONFIRM: "confirm"}.get(mode, "callback")
+            return [self._turn(ev.t_ms, "none", "", None, None, "no_input", warning, False,
+                               None, node, self.st.language), *warning]
         if mode is Mode.DIGITS:
             out = self._status_failure("no_input", ev.t_ms)
             node = "status"
@@ -1178,6 +1365,7 @@ class DialogEngine:
             self.st.retries += 1
             node = "callback"
             if self.st.retries <= self.s.max_retries:
+                self.st.slack = True
                 out = [self._play((self._prompt("no_input"), self._prompt("callback_offer"))),
                        self._yes_no_listen()]
             else:
@@ -1216,6 +1404,13 @@ class DialogEngine:
         out = self._go_menu(self.menu.home, (ticket,))
         return [self._turn(ev.t_ms, "speech", heard, None, option.id if option else None,
                            "recorded", out, False, None, "record", self.st.language), *out]
+
+
+def _clamp(s: CallerSettings) -> CallerSettings:
+    """Settings inside their ranges (remembered ones may come from an older version)."""
+    return CallerSettings(max(-1, min(1, s.rate_step)),
+                          max(GAINS_DB[0], min(GAINS_DB[-1], s.gain_db // 6 * 6)),
+                          max(0, min(2, s.more_time)))
 
 
 # --- the dispatch table: every mode names a handler for every event ------------------------

@@ -510,7 +510,9 @@ class CallSession:
             return
         if self._quiet_since is None:
             self._quiet_since = self._now_ms
-        elif self._now_ms - self._quiet_since >= self.listen.no_input_ms:  # type: ignore[union-attr]
+        elif (self.listen.no_input_ms > 0  # type: ignore[union-attr]
+              # 0: the caller asked for all the time they need; max_call_s still ends it
+              and self._now_ms - self._quiet_since >= self.listen.no_input_ms):  # type: ignore[union-attr]
             self._quiet_since = None
             self._dispatch(InputTimeout(self._now_ms))
 
