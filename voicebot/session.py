@@ -40,6 +40,7 @@ from .dialog import (
     ApplicationFound,
     CallbackFailed,
     CallerHungUp,
+    CallerSettings,
     CallStarted,
     DialogEngine,
     DialogSettings,
@@ -58,6 +59,7 @@ from .dialog import (
     PromptFinished,
     RecordingSaved,
     RequestCallback,
+    SaveCallerSettings,
     SpeechRecognized,
     SpeechStarted,
     StartRecording,
@@ -94,6 +96,7 @@ MAX_FAULTS = 3  # after this many the call is ended by the shell itself, engine 
 # Work that must not run on a call thread, shared by every call of the process: store reads
 # (a database that stalls must not freeze a call) and espeak-ng renders (serialised by the
 # synthesiser anyway, so one thread).
+SETTINGS_WAIT_S = 0.3  # longest a call start waits for the caller's remembered settings
 _IO_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="voicebot-io")
 _RENDER_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="voicebot-tts")
 
@@ -325,8 +328,37 @@ class CallSession:
     # --- control ---
 
     def start(self, at: dt.datetime, language: str | None = None) -> None:
+        """Start the dialog. The caller's remembered controls (issue 12) are read from the
+        store on the I/O pool, never on the calling (SIP) thread; the call starts when they
+        are read, or after SETTINGS_WAIT_S without them (a slow store must not keep the
+        caller waiting in silence)."""
         self.started_at = at
-        self.post(CallStarted(at, language, 0.0))
+        if self.store is None or not self.caller or not self.core.grammars.menu.controls:
+            self.post(CallStarted(at, language, 0.0))
+            return
+        store, caller = self.store, self.caller
+        once = threading.Lock()
+        self._hold()
+
+        def begin(settings: CallerSettings | None) -> None:
+            if once.acquire(blocking=False):
+                self.post(CallStarted(at, language, 0.0, settings))
+                self._release_hold()
+
+        def read() -> None:
+            try:
+                begin(store.caller_settings(caller))
+            except Exception as exc:
+                log.error("call %s: remembered settings not read: %s", self.call_id, exc)
+                begin(None)
+
+        timer = threading.Timer(SETTINGS_WAIT_S, begin, (None,))
+        timer.daemon = True
+        timer.start()
+        try:
+            _IO_POOL.submit(read)
+        except RuntimeError:  # shutting down
+            begin(None)
 
     def drain(self, timeout: float = 30.0) -> None:
         """Block until the worker has handled everything queued (simulator lock-step)."""
@@ -643,6 +675,26 @@ class CallSession:
                 self._stop_recording(action.reason)
             case RequestCallback():
                 self._request_callback(action)
+            case SaveCallerSettings():
+                self._save_settings(action)
+
+    def _save_settings(self, action: SaveCallerSettings) -> None:
+        """Remember the caller's controls for their number, off the call thread; a failure
+        is logged (the call goes on with its settings)."""
+        store, caller = self.store, self.caller
+        if store is None or not caller:
+            return
+
+        def save() -> None:
+            try:
+                store.save_caller_settings(caller, action.settings)
+            except Exception as exc:
+                log.error("call %s: settings not remembered: %s", self.call_id, exc)
+
+        try:
+            _IO_POOL.submit(save)
+        except RuntimeError:  # the pool is shut down: the process is exiting
+            log.warning("call %s: settings not remembered (shutting down)", self.call_id)
 
     # --- duties: the store's answers go back to the engine as events, through the queue ---
 
@@ -848,7 +900,8 @@ class CallSession:
                 # Digit words only, plus decoys so other speech has somewhere to go.
                 pack = self.core.grammars.packs[lang]
                 rec.set_grammar([*pack.digit_grammar(),
-                                 *grammar_phrases(pack, (), True, rec.has_unk)])
+                                 # "more time" (the Listen's options) is heard too
+                                 *grammar_phrases(pack, listen.options, True, rec.has_unk)])
             elif self.core.cfg.asr.grammar:
                 pack = self.core.grammars.packs[lang]
                 rec.set_grammar(grammar_phrases(pack, listen.options, True, rec.has_unk))
