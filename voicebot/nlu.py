@@ -27,7 +27,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import FeatureUnion, Pipeline
 
-from .menus import Grammars, Menu, Pack, normalize_text
+from .menus import HELP_NODE, Grammars, Menu, Pack, normalize_text
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,8 @@ KEYWORD_REPEATS = 3  # a bare keyword is the most common utterance: weigh it as 
 def node_options(menu: Menu) -> dict[str, tuple[str, ...]]:
     """Option ids per classifier: one per menu node, and one for yes/no."""
     out = {n: tuple(o.id for o in menu.choices(n)) for n in menu.nodes}
+    if menu.controls:
+        out[HELP_NODE] = tuple(o.id for o in menu.choices(HELP_NODE))
     out[CONFIRM_NODE] = tuple(o.id for o in menu.confirm_choices())
     return out
 
