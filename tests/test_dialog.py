@@ -585,3 +585,35 @@ def test_unknown_start_language_falls_back_to_the_language_menu(grammars, cfg): 
     c = Call(grammars, cfg, language="xx")
     assert c.engine.node == "language" and c.engine.language is None
     assert c.prompt_keys()[0] == "welcome"
+
+
+def test_language_from_the_first_words_at_the_language_menu(grammars, cfg):  # type: ignore[no-untyped-def]
+    # Every pack's recogniser hears its home-menu words at the language menu.
+    c = Call(grammars, cfg, speech=frozenset({"ko", "en"}))
+    listen = c.listen()
+    assert listen.node == "language" and set(listen.languages) == {"ko", "en"}
+    assert {"main.operator", "main.info", "lang.ko"} <= set(listen.options)
+    c.say("main.operator", 0.9, "ko", "상담원")
+    assert c.engine.language == "ko" and c.engine.language_by == "detected"
+    assert c.engine.mode is Mode.TRANSFER
+    assert c.prompt_keys() == ["operator_transfer"]
+    assert c.actions[-2].prompts[0].language == "ko"  # type: ignore[attr-defined]
+    assert c.turns[-1].option == "main.operator" and c.turns[-1].node == "main"
+    # Between the thresholds: confirmed in the detected language, at the home menu.
+    c = Call(grammars, cfg, speech=frozenset({"ko", "en"}))
+    c.say("main.info", 0.5, "en", "information")
+    assert c.engine.language == "en" and c.engine.mode is Mode.CONFIRM
+    assert c.prompt_keys() == ["confirm"]
+    c.press("1")
+    assert c.engine.node == "info"
+    # Below the confirm threshold: the language question again, nothing chosen.
+    c = Call(grammars, cfg, speech=frozenset({"ko", "en"}))
+    c.say("main.info", 0.3, "en", "information")
+    assert c.engine.language is None and c.prompt_keys()[0] == "no_match"
+    assert c.engine.node == "language"
+    # A language name, or a key, says so too.
+    c.say("lang.en", 0.9, "en", "english")
+    assert c.engine.language == "en" and c.engine.language_by == "name"
+    c = Call(grammars, cfg)
+    c.press("2")
+    assert c.engine.language == "ru" and c.engine.language_by == "key"

@@ -349,6 +349,17 @@ def _show_tree(g: object, lang: str | None) -> None:
             if o is menu.back and not node.back:
                 continue
             print(f"  {o.key}  {o.id:<26} {'repeats' if o is menu.repeat else 'goes back'}")
+        op = menu.operator
+        if op is not None and op.id in {o.id for o in menu.choices(node_id)}:
+            print(f"  {op.key}  {op.id:<26} operator, as {menu.home}'s operator option")
+    if menu.controls:
+        # The caller controls work at every node: help and more time by key, all by voice.
+        print("controls (at every menu; by voice everywhere, the keys shown):")
+        for c in menu.controls:
+            where = "at every menu" if c.target in ("help", "more_time") else "in help"
+            print(f"  {c.key}  {c.id:<26} {c.target.replace('_', ' ')} ({where})")
+            print(f"       {words(c.id)}")
+        print(f"  *  {menu.back.id:<26} leaves help, back to the menu it was opened from")
     print(f"confirm: {menu.yes.key} {menu.yes.id}, {menu.no.key} {menu.no.id}")
     print(f"  {words(menu.yes.id)}")
     print(f"  {words(menu.no.id)}")

@@ -500,6 +500,7 @@ class _State:
     slack: bool = False  # the next Listen follows a no-input or no-match: 1.5x its time
     warned: bool = False  # the timeout warning was said for the Listen in force
     last_listen: Listen | None = None  # the Listen in force (the warning listens again)
+    language_by: str = ""  # how the language was chosen: key, name or detected ("" preset)
 
 
 class DialogEngine:
@@ -567,6 +568,13 @@ class DialogEngine:
     def settings(self) -> CallerSettings:
         return self.st.settings
 
+    @property
+    def language_by(self) -> str:
+        """How the caller's language was chosen: "key", "name" (said the language's name),
+        "detected" (said a home-menu option in it at the language menu), or "" (the call
+        started in a language, or none was chosen)."""
+        return self.st.language_by
+
     def _ignore(self, ev: Event) -> list[Action]:
         return []
 
@@ -596,10 +604,11 @@ class DialogEngine:
         langs = [lang for lang in self.s.offered if lang in self.g.packs]
         return tuple(self._prompt(key, lang) for lang in langs or [self.s.default_language])
 
-    def _offered_here(self, node: Node) -> tuple[Option, ...]:
-        """A node's choices, without languages that are not offered on this line."""
-        return tuple(o for o in self.menu.choices(node.id)
-                     if o.kind != "language" or o.target in self.s.offered)
+    def _offered_here(self, node: Node, spoken: bool = False) -> tuple[Option, ...]:
+        """A node's choices (``spoken``: what may be said there, see Menu.spoken_choices),
+        without languages that are not offered on this line."""
+        choices = self.menu.spoken_choices(node.id) if spoken else self.menu.choices(node.id)
+        return tuple(o for o in choices if o.kind != "language" or o.target in self.s.offered)
 
     def _menu_prompts(self, node_id: str) -> tuple[Prompt, ...]:
         node = self.menu.node(node_id)
@@ -636,7 +645,7 @@ class DialogEngine:
         else:
             lang = self.st.language or self.s.default_language
             langs = (lang,) if lang in self.s.speech_languages else ()
-        return Listen(node_id, langs, tuple(o.id for o in self._offered_here(node)),
+        return Listen(node_id, langs, tuple(o.id for o in self._offered_here(node, True)),
                       self._no_input_ms())
 
     def _play(self, prompts: tuple[Prompt, ...], barge_in: bool = True,
@@ -850,10 +859,10 @@ class DialogEngine:
             return self._stop("barge-in: speech")
         return []
 
-    def _current_choices(self) -> tuple[Option, ...]:
+    def _current_choices(self, spoken: bool = False) -> tuple[Option, ...]:
         if self.st.mode is Mode.CONFIRM:
             return self.menu.confirm_choices()
-        return self._offered_here(self.menu.node(self.st.node))
+        return self._offered_here(self.menu.node(self.st.node), spoken)
 
     def _menu_dtmf(self, ev: DtmfReceived) -> list[Action]:
         if self.st.playing and not all(self.st.playing.values()):
@@ -869,6 +878,8 @@ class DialogEngine:
             return [*actions, self._turn(ev.t_ms, "dtmf", ev.digit, 1.0, None, "no_match", out,
                                          barge, ev.t_ms, node, lang), *out]
         out = self._choose(option, ev.t_ms)
+        if option.kind == "language":
+            self.st.language_by = "key"
         result = "rejected" if option.id == self.menu.no.id else "accepted"
         chosen = self._chosen_id(option)
         return [*actions, self._turn(ev.t_ms, "dtmf", ev.digit, 1.0, chosen, result, out, barge,
@@ -892,8 +903,23 @@ class DialogEngine:
         self.st.barged = False
         actions = self._stop("barge-in: speech")
         node = "confirm" if self.st.mode is Mode.CONFIRM else self.st.node
-        choices = {o.id: o for o in self._current_choices()}
+        choices = {o.id: o for o in self._current_choices(spoken=True)}
         option = choices.get(ev.option) if ev.option else None
+        if (option is not None and self.st.mode is Mode.MENU and self.st.language is None
+                and self.menu.home in self.menu.nodes
+                and option.id in {o.id for o in self.menu.node(self.menu.home).options}
+                and ev.score >= self.s.confirm and ev.language in self.g.packs
+                and ev.language in self.s.offered):
+            # The caller said what they want in their own language at the language menu:
+            # that language is theirs, and the words are taken as said at the home menu.
+            self.st.language = ev.language
+            self.st.language_by = "detected"
+            self.st.node = self.menu.home
+            self.st.barged = barge
+            return [*actions, *self._menu_speech(ev)]
+        if option is not None and option.id not in {o.id for o in self._current_choices()} \
+                and option.id not in {o.id for o in self.menu.controls}:
+            option = None  # a home-menu word in a language not offered: no match here
         # While confirming, anything above the lower threshold counts: a confirmation
         # of a confirmation would only annoy the caller.
         accept = self.s.confirm if self.st.mode is Mode.CONFIRM else self.s.accept
@@ -975,6 +1001,7 @@ class DialogEngine:
             return self._operator(t_ms)
         if option.kind == "language":
             self.st.language = option.target
+            self.st.language_by = "name"  # a key press says "key" (_menu_dtmf)
             return self._go_menu(self.menu.home)
         if option.kind == "goto":
             return self._go_menu(option.target)

@@ -174,6 +174,20 @@ class Menu:
                 extra.append(Option(c.id, key, c.kind, c.target))
         return (*node.options, *extra)
 
+    def spoken_choices(self, node_id: str) -> tuple[Option, ...]:
+        """What a caller may say at a node: its choices, and at a multilingual node (the
+        language menu) also the home menu's own options, unkeyed, so that a caller who says
+        what they want in their own language skips the language question. There the home
+        menu's operator option stands for the operator command (the same words)."""
+        own = self.choices(node_id)
+        node = self.nodes.get(node_id)
+        if node is None or not node.multilingual or self.home not in self.nodes:
+            return own
+        home = tuple(Option(o.id, "", o.kind, o.target) for o in self.nodes[self.home].options)
+        if any(o.kind == "action" and o.target == "operator" for o in home):
+            own = tuple(o for o in own if self.operator is None or o.id != self.operator.id)
+        return (*own, *home)
+
     def confirm_choices(self) -> tuple[Option, ...]:
         return (self.yes, self.no)
 
@@ -727,9 +741,10 @@ def load_pack(path: Path, menu: Menu, errs: _Collector) -> Pack | None:
         options[oid] = OptionWords(label, tuple(keywords), tuple(phrases), dict(asr_words))
 
     # The same spoken keyword for two options at one node would make speech ambiguous.
-    node_sets = [menu.choices(n) for n in menu.nodes] + [menu.confirm_choices()]
+    node_sets = [menu.spoken_choices(n) for n in menu.nodes] + [menu.confirm_choices()]
     if menu.controls:
         node_sets.append(menu.choices(HELP_NODE))
+    reported: set[tuple[str, str, str]] = set()  # the home menu is heard at two nodes
     for choices in node_sets:
         owner: dict[str, str] = {}
         for o in choices:
@@ -737,7 +752,8 @@ def load_pack(path: Path, menu: Menu, errs: _Collector) -> Pack | None:
                 continue
             for k in options[o.id].keywords:
                 nk = normalize_text(k)
-                if nk in owner and owner[nk] != o.id:
+                if nk in owner and owner[nk] != o.id and (o.id, nk, owner[nk]) not in reported:
+                    reported.add((o.id, nk, owner[nk]))
                     errs.add(path, f'options."{o.id}".keywords',
                              f"keyword {k!r} is also a keyword of {owner[nk]} at the same menu")
                 owner.setdefault(nk, o.id)

@@ -39,7 +39,7 @@ KEYWORD_REPEATS = 3  # a bare keyword is the most common utterance: weigh it as 
 
 def node_options(menu: Menu) -> dict[str, tuple[str, ...]]:
     """Option ids per classifier: one per menu node, and one for yes/no."""
-    out = {n: tuple(o.id for o in menu.choices(n)) for n in menu.nodes}
+    out = {n: tuple(o.id for o in menu.spoken_choices(n)) for n in menu.nodes}
     if menu.controls:
         out[HELP_NODE] = tuple(o.id for o in menu.choices(HELP_NODE))
     out[CONFIRM_NODE] = tuple(o.id for o in menu.confirm_choices())
