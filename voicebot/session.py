@@ -79,7 +79,7 @@ from .menus import Grammars, load_grammars
 from .nlu import IntentModel, load_or_train, turn_score
 from .playback import Player
 from .store import Store
-from .tts import PromptCache
+from .tts import PromptCache, apply_gain
 from .vad import Endpointer, UtteranceEnded
 from .vad import SpeechStarted as VadSpeechStarted
 
@@ -823,7 +823,7 @@ class CallSession:
     def _missing_audio(self, play: Play) -> list[Prompt]:
         try:
             return [p for p in play.prompts
-                    if p.key != BEEP and self.core.prompts.cached(p.text, p.voice) is None]
+                    if p.key != BEEP and self.core.prompts.cached(p.text, p.voice, p.rate) is None]
         except Exception:
             # The cache itself failed: drop the play, or every play after it would wait
             # behind it for ever; the error goes on to the fault path.
@@ -842,7 +842,7 @@ class CallSession:
             try:
                 for p in prompts:
                     try:
-                        cache.render_dynamic(p.text, p.voice)
+                        cache.render_dynamic(p.text, p.voice, p.rate)
                     except Exception:
                         log.exception("call %s: cannot render %r", self.call_id, p.text[:60])
             finally:
@@ -865,10 +865,11 @@ class CallSession:
             if prompt.key == BEEP:
                 audio: np.ndarray | None = beep(self.sample_rate)
             else:
-                audio = self.core.prompts.cached(prompt.text, prompt.voice)
+                audio = self.core.prompts.cached(prompt.text, prompt.voice, prompt.rate)
                 if audio is None and render:
                     try:
-                        audio = self.core.prompts.render_dynamic(prompt.text, prompt.voice)
+                        audio = self.core.prompts.render_dynamic(prompt.text, prompt.voice,
+                                                                 prompt.rate)
                     except Exception:
                         log.exception("call %s: cannot render %r", self.call_id, prompt.key)
                 if audio is None:
@@ -877,6 +878,8 @@ class CallSession:
                               prompt.key)
                     continue
                 audio = resample(audio, self.core.prompts.sample_rate, self.sample_rate)
+                if prompt.gain_db:
+                    audio = apply_gain(audio, prompt.gain_db, self.sample_rate)
             if parts:
                 parts.append(gap)
                 offset += len(gap)

@@ -5,6 +5,11 @@ voice, speaking rate, level, sample rate, engine versions), so an edited prompt
 gets a new file and an unchanged one is never rendered again. Files are 8 kHz
 (or 16 kHz) mono PCM16 WAV, written atomically. Dynamic text (hours, numbers)
 goes through the same cache on demand.
+
+Caller controls (issue 12): every prompt is cached at each speech rate in
+:data:`voicebot.dialog.RATES` (espeak-ng itself speaks slower or faster, no
+time-stretch), and :func:`apply_gain` makes a prompt louder at play time without
+clipping.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .dialog import RATES
 from .errors import VoicebotError
 from .frames import AudioFormatError, read_wav, resample, to_int16, write_wav
 
@@ -33,6 +39,10 @@ TRIM_THRESHOLD = 200  # |sample| above which audio counts as sound when trimming
 EDGE_MS = 10  # silence kept at each end after trimming
 SYNTH_TIMEOUT_S = 10.0  # per attempt; espeak renders a long prompt in well under a second
 SYNTH_ATTEMPTS = 3
+
+LIMIT = 32000.0  # |sample| the gain limiter never exceeds (int16)
+LIMIT_ATTACK_DB_PER_MS = 2.4  # look-ahead ramp: 12 dB of reduction in 5 ms before a peak
+LIMIT_RELEASE_DB_PER_MS = 0.24  # 12 dB of reduction released in 50 ms after a peak
 
 
 class TtsError(VoicebotError):
@@ -149,15 +159,62 @@ def normalize(samples: np.ndarray, target_dbfs: float) -> np.ndarray:
     return to_int16(x * gain)
 
 
+def _spread(d: np.ndarray, step_db: float, forward: bool) -> np.ndarray:
+    """max over k >= 0 of d[n - k] - k*step_db (forward) or d[n + k] - k*step_db (backward).
+
+    A max-plus convolution with a linear ramp, done by doubling: after the pass with
+    shift s every offset below 2s is covered, so log2(reach) vectorised passes suffice."""
+    out = d.copy()
+    top = float(out.max())
+    shift = 1
+    while shift < len(out) and (shift // 2) * step_db < top:
+        if forward:
+            np.maximum(out[shift:], out[:-shift] - shift * step_db, out=out[shift:])
+        else:
+            np.maximum(out[:-shift], out[shift:] - shift * step_db, out=out[:-shift])
+        shift *= 2
+    return out
+
+
+def apply_gain(samples: np.ndarray, gain_db: float, sample_rate: int = 8000) -> np.ndarray:
+    """``samples`` (int16 mono) made ``gain_db`` dB louder, through a look-ahead peak limiter.
+
+    gain_db 0 returns ``samples`` itself. Otherwise the signal is scaled by gain_db and a
+    per-sample gain reduction (dB) is taken wherever a sample would pass LIMIT; that
+    reduction is ramped in ahead of each peak at LIMIT_ATTACK_DB_PER_MS (so at most ~5 ms
+    of look-ahead for 12 dB) and released after it at LIMIT_RELEASE_DB_PER_MS (12 dB in
+    50 ms), so no sample exceeds LIMIT and the gain never steps. sample_rate (Hz) only
+    scales those times. numpy only: a 10 s prompt takes a few milliseconds."""
+    if gain_db == 0 or len(samples) == 0:
+        return samples
+    x = samples.astype(np.float64) * 10.0 ** (gain_db / 20.0)
+    over = np.abs(x)
+    # dB each sample must come down by; 0 where it is within the limit.
+    need = 20.0 * np.log10(np.maximum(over, LIMIT) / LIMIT)
+    if need.max() > 0:
+        per_ms = sample_rate / 1000.0
+        need = _spread(need, LIMIT_RELEASE_DB_PER_MS / per_ms, forward=True)
+        need = _spread(need, LIMIT_ATTACK_DB_PER_MS / per_ms, forward=False)
+        x *= 10.0 ** (-need / 20.0)
+    # The reduction at each sample is at least what it needs: the clip only guards rounding.
+    return np.clip(np.rint(x), -LIMIT, LIMIT).astype(np.int16)
+
+
 @dataclass(frozen=True)
 class BuildReport:
+    """Counts of prompt files (one per text, voice and speech rate)."""
+
     rendered: int
     cached: int
     files: int
 
 
 class PromptCache:
-    """Content-addressed prompt audio under ``root``, plus an in-memory LRU of decoded audio."""
+    """Content-addressed prompt audio under ``root``, plus an in-memory LRU of decoded audio.
+
+    sample_rate: Hz of the cached audio; rate: espeak-ng words per minute at speech rate
+    1.0; volume_dbfs: prompt RMS level in dBFS. Every lookup takes an optional ``rate``,
+    a multiple of that words-per-minute (one of :data:`voicebot.dialog.RATES`)."""
 
     def __init__(self, root: Path, sample_rate: int = 8000, rate: int = 165,
                  volume_dbfs: float = -16.0, memory_items: int = 512) -> None:
@@ -171,31 +228,38 @@ class PromptCache:
         self._mem_items = memory_items
         self._lock = threading.Lock()
 
-    def key(self, text: str, voice: str) -> str:
-        spec = {"text": text, "voice": voice, "rate": self.rate, "level": self.volume_dbfs,
+    def wpm(self, rate: float = 1.0) -> int:
+        """espeak-ng words per minute for speech rate ``rate`` (a multiple of ``self.rate``)."""
+        return self.rate if rate == 1.0 else round(self.rate * rate)
+
+    def key(self, text: str, voice: str, rate: float = 1.0) -> str:
+        """Cache key: the effective words per minute goes in "rate", so the key of rate 1.0
+        is the one every earlier version computed and files cached before stay valid."""
+        spec = {"text": text, "voice": voice, "rate": self.wpm(rate), "level": self.volume_dbfs,
                 "sample_rate": self.sample_rate, "engine": self._engine}
         return hashlib.sha256(json.dumps(spec, sort_keys=True, ensure_ascii=False).encode()
                               ).hexdigest()
 
-    def path(self, text: str, voice: str) -> Path:
-        k = self.key(text, voice)
+    def path(self, text: str, voice: str, rate: float = 1.0) -> Path:
+        k = self.key(text, voice, rate)
         return self.root / k[:2] / f"{k}.wav"
 
-    def has(self, text: str, voice: str) -> bool:
-        return self.path(text, voice).exists()
+    def has(self, text: str, voice: str, rate: float = 1.0) -> bool:
+        return self.path(text, voice, rate).exists()
 
-    def render(self, text: str, voice: str) -> np.ndarray:
-        """Synthesize, resample, trim and level one text (no cache)."""
-        samples, rate = self.synth.synthesize(text, voice, self.rate)
-        samples = resample(samples, rate, self.sample_rate)
+    def render(self, text: str, voice: str, rate: float = 1.0) -> np.ndarray:
+        """Synthesize at speech rate ``rate`` (espeak-ng at :meth:`wpm` words per minute),
+        resample, trim and level one text (no cache)."""
+        samples, sr = self.synth.synthesize(text, voice, self.wpm(rate))
+        samples = resample(samples, sr, self.sample_rate)
         return normalize(trim(samples, self.sample_rate), self.volume_dbfs)
 
-    def cached(self, text: str, voice: str) -> np.ndarray | None:
+    def cached(self, text: str, voice: str, rate: float = 1.0) -> np.ndarray | None:
         """The prompt's audio if it is rendered (memory or disk), else None: never renders.
 
         The call thread uses this, so a caller-triggered text (a number, a date) never runs
         espeak-ng there; :meth:`render_dynamic` renders it elsewhere."""
-        k = self.key(text, voice)
+        k = self.key(text, voice, rate)
         with self._lock:
             hit = self._mem.get(k)
             if hit is not None:
@@ -209,17 +273,17 @@ class PromptCache:
         self._remember(k, samples)
         return samples
 
-    def render_dynamic(self, text: str, voice: str) -> np.ndarray:
+    def render_dynamic(self, text: str, voice: str, rate: float = 1.0) -> np.ndarray:
         """Render a text callers trigger (numbers, tickets, dates) into the memory LRU only.
 
         Such texts are endless in number: written to the disk cache they would grow it
         without bound, so they live in the bounded in-memory LRU and are rendered again
         when they fall out of it."""
-        hit = self.cached(text, voice)
+        hit = self.cached(text, voice, rate)
         if hit is not None:
             return hit
-        samples = self.render(text, voice)
-        self._remember(self.key(text, voice), samples)
+        samples = self.render(text, voice, rate)
+        self._remember(self.key(text, voice, rate), samples)
         return samples
 
     def _remember(self, k: str, samples: np.ndarray) -> None:
@@ -229,32 +293,40 @@ class PromptCache:
             while len(self._mem) > self._mem_items:
                 self._mem.popitem(last=False)
 
-    def get(self, text: str, voice: str) -> np.ndarray:
-        """The prompt's audio at ``sample_rate``, rendering it into the disk cache on first
-        use (and again over a torn file)."""
-        hit = self.cached(text, voice)
+    def get(self, text: str, voice: str, rate: float = 1.0) -> np.ndarray:
+        """The prompt's audio at ``sample_rate`` and speech rate ``rate``, rendering it into
+        the disk cache on first use (and again over a torn file)."""
+        hit = self.cached(text, voice, rate)
         if hit is not None:
             return hit
-        k = self.key(text, voice)
+        k = self.key(text, voice, rate)
         p = self.root / k[:2] / f"{k}.wav"
-        samples = self.render(text, voice)
+        samples = self.render(text, voice, rate)
         write_wav(p, samples, self.sample_rate)
         log.debug("rendered prompt %s (%s): %r", p.name, voice, text[:60])
         self._remember(k, samples)
         return samples
 
-    def build(self, items: Iterable[tuple[str, str, str]], progress: bool = True) -> BuildReport:
-        """Render every (label, text, voice) not yet in the cache; show progress."""
-        items = list(items)
-        todo = [(label, text, voice) for label, text, voice in items if not self.has(text, voice)]
+    def build(self, items: Iterable[tuple[str, str, str]], progress: bool = True,
+              rates: Iterable[float] = RATES) -> BuildReport:
+        """Render every (label, text, voice) at every speech rate in ``rates`` (default
+        :data:`voicebot.dialog.RATES`) not yet in the cache; show progress. The report
+        counts files: one per distinct text, voice and rate."""
+        rates = tuple(rates)
+        wanted: dict[str, tuple[str, str, str, float]] = {}
+        for label, text, voice in items:
+            for rate in rates:
+                wanted.setdefault(self.key(text, voice, rate), (label, text, voice, rate))
+        todo = [(k, *item) for k, item in wanted.items()
+                if not (self.root / k[:2] / f"{k}.wav").exists()]
         if todo:
             from tqdm import tqdm
 
-            for label, text, voice in tqdm(todo, desc="rendering prompts", unit="prompt",
-                                           disable=not progress):
+            for k, label, text, voice, rate in tqdm(todo, desc="rendering prompts",
+                                                    unit="prompt", disable=not progress):
                 try:
-                    write_wav(self.path(text, voice), self.render(text, voice), self.sample_rate)
+                    write_wav(self.root / k[:2] / f"{k}.wav", self.render(text, voice, rate),
+                              self.sample_rate)
                 except TtsError as exc:
-                    raise TtsError(f"{label}: {exc}") from exc
-        files = len({self.key(t, v) for _, t, v in items})
-        return BuildReport(rendered=len(todo), cached=len(items) - len(todo), files=files)
+                    raise TtsError(f"{label} (rate {rate:g}): {exc}") from exc
+        return BuildReport(rendered=len(todo), cached=len(wanted) - len(todo), files=len(wanted))
