@@ -487,3 +487,14 @@ def test_a_write_after_close_is_kept_for_the_next_start(tmp_path: Path) -> None:
         assert rec.id == "late-0" and rec.result == "completed"
     finally:
         again.close()
+
+
+def test_caller_settings_in_postgresql(postgres: Cluster) -> None:
+    from test_caller_settings import check_round_trip
+
+    store = Store(dsn=postgres.dsn)
+    try:
+        store.execute("DELETE FROM caller_settings")
+        check_round_trip(store)
+    finally:
+        store.close()

@@ -185,6 +185,13 @@ def _parser() -> argparse.ArgumentParser:
     cexp.add_argument("file")
     cexp.add_argument("--all", action="store_true", help="done ones too")
 
+    cls = sub.add_parser("callers", help="what is remembered for a caller number (their "
+                                         "accessibility settings, 90 days)")
+    clsub = cls.add_subparsers(dest="action", required=True)
+    clsub.add_parser("show", help="the settings remembered for a number").add_argument("number")
+    clsub.add_parser("forget", help="remove what is remembered for a number"
+                     ).add_argument("number")
+
     recs = sub.add_parser("recordings", help="call recordings and messages on disk")
     rsub = recs.add_subparsers(dest="action", required=True)
     rpurge = rsub.add_parser("purge", help="delete recordings and messages older than "
@@ -260,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "simulate": _simulate, "serve": _serve, "calls": _calls, "call": _call,
             "bench": _bench,
             "applications": _applications, "callbacks": _callbacks, "report": _report,
-            "recordings": _recordings,
+            "recordings": _recordings, "callers": _callers,
         }[args.command]
         return handler(cfg, args)
     except VoicebotError as exc:
@@ -619,6 +626,27 @@ def _applications(cfg: Config, args: argparse.Namespace) -> int:
     print(f"{rep.file}: imported {rep.imported} application(s), rejected {len(rep.errors)} "
           "row(s)")
     return 1 if rep.errors else 0
+
+
+def _callers(cfg: Config, args: argparse.Namespace) -> int:
+    from .store import CALLER_SETTINGS_DAYS, Store
+
+    store = Store.from_config(cfg)
+    try:
+        if args.action == "forget":
+            n = store.forget_caller(args.number)
+            print(f"{args.number}: " + ("remembered settings removed" if n
+                                        else "nothing was remembered"))
+            return 0
+        settings = store.caller_settings(args.number)
+    finally:
+        store.close()
+    if settings is None:
+        print(f"{args.number}: nothing remembered (or older than {CALLER_SETTINGS_DAYS} days)")
+    else:
+        print(f"{args.number}: speech rate x{settings.rate}, louder by {settings.gain_db} dB, "
+              f"more time {('no', 'x3', 'no time limit')[settings.more_time]}")
+    return 0
 
 
 def _callbacks(cfg: Config, args: argparse.Namespace) -> int:

@@ -216,6 +216,24 @@ def purge(cfg: Config, now: float | None = None, *, dry_run: bool = False) -> Pu
     return res
 
 
+def forget_old_settings(cfg: Config, now: float | None = None) -> int:
+    """Remove callers' remembered controls (issue 12) not changed for
+    store.CALLER_SETTINGS_DAYS; the rows removed. Logs one line."""
+    import datetime as dt
+
+    from .store import CALLER_SETTINGS_DAYS, Store
+
+    at = dt.datetime.fromtimestamp(time.time() if now is None else now, dt.UTC)
+    store = Store.from_config(cfg)
+    try:
+        n = store.purge_caller_settings(at - dt.timedelta(days=CALLER_SETTINGS_DAYS))
+    finally:
+        store.close()
+    log.info("retention: %d caller setting(s) older than %d days forgotten", n,
+             CALLER_SETTINGS_DAYS)
+    return n
+
+
 def start_daily(cfg: Config, stop: threading.Event,
                 interval_s: float = DAY_S) -> threading.Thread:
     """Run :func:`secure_files` and :func:`purge` now and then every ``interval_s`` (a day)
@@ -227,6 +245,7 @@ def start_daily(cfg: Config, stop: threading.Event,
             try:
                 secure_files(cfg)
                 purge(cfg)
+                forget_old_settings(cfg)
             except Exception:  # logged: the calls go on, the next round runs
                 log.exception("retention: failed; next attempt in %.0f s", interval_s)
             if stop.wait(interval_s):

@@ -215,7 +215,8 @@ class Simulator:
             session.close()
         if store is not None:
             store.call_ended(call_id, session.result or session.engine.outcome,
-                             session.engine.language, None, "caller")
+                             session.engine.language, None, "caller",
+                             language_by=session.engine.language_by)
         recording = None
         if self.record is not None:
             mix = _mix(rx_all, tx_all)

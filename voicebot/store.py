@@ -63,7 +63,8 @@ SCHEMA = [
         reason TEXT,
         host TEXT,
         caller_from TEXT,
-        caller_verified INTEGER
+        caller_verified INTEGER,
+        language_by TEXT
     )""",
     """CREATE TABLE IF NOT EXISTS turns (
         call_id TEXT NOT NULL,
@@ -118,6 +119,15 @@ SCHEMA = [
         done_at TEXT,
         verified INTEGER
     )""",
+    # A caller's accessibility controls (issue 12), remembered for their number for
+    # CALLER_SETTINGS_DAYS; `voicebot callers forget NUMBER` removes them.
+    """CREATE TABLE IF NOT EXISTS caller_settings (
+        number TEXT PRIMARY KEY,
+        rate_step INTEGER,
+        gain_db INTEGER,
+        more_time INTEGER,
+        updated_at TEXT
+    )""",
     # What migrations have run (key: name), so a big store is not scanned on every open.
     """CREATE TABLE IF NOT EXISTS meta (
         key TEXT PRIMARY KEY,
@@ -136,8 +146,9 @@ SCHEMA = [
 # Columns added after the first release, with their type: added on open when missing.
 # caller_verified/verified (issue 11): 1 when the number came from a P-Asserted-Identity of
 # a trusted peer; rows from before the column (NULL) count as unverified.
+# language_by (issue 12): how the caller's language was chosen (key, name, detected).
 ADDED_COLUMNS = {"calls": [("host", "TEXT"), ("caller_from", "TEXT"),
-                           ("caller_verified", "INTEGER")],
+                           ("caller_verified", "INTEGER"), ("language_by", "TEXT")],
                  "callbacks": [("verified", "INTEGER")]}
 # Time columns normalised to UTC on open (rows written before times were stored in UTC).
 TIME_COLUMNS = {"calls": ("id", ["started_at", "answered_at", "ended_at"]),
@@ -153,6 +164,7 @@ BLOCK_SIZE = 1000
 # Ten digits, below 2**31: callbacks.id is a 32-bit integer in PostgreSQL.
 OFFLINE_BASE = 1_000_000_000
 
+CALLER_SETTINGS_DAYS = 90  # how long a caller's controls are remembered (retention purges)
 RETRY_MIN_S = 0.2
 RETRY_MAX_S = 5.0
 BATCH = 500  # operations per database transaction
@@ -238,6 +250,7 @@ class CallRecord:
     host: str | None = None
     caller_verified: bool = False  # caller is a trusted P-Asserted-Identity (issue 11)
     caller_from: str | None = None  # the From URI as sent (caller is From's user if unverified)
+    language_by: str | None = None  # key, name or detected (issue 12); None: preset or none
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -626,14 +639,67 @@ class Store:
                    "path": path})
 
     def call_ended(self, call_id: str, result: str, language: str | None,
-                   recording: str | None, ended_by: str, reason: str = "") -> None:
+                   recording: str | None, ended_by: str, reason: str = "",
+                   language_by: str | None = None) -> None:
+        """language_by: how the language was chosen, key, name or detected (issue 12)."""
         self._put({"op": "call_ended", "id": call_id, "at": now(), "result": result,
                    "language": language, "recording": recording, "ended_by": ended_by,
-                   "reason": reason})
+                   "reason": reason, "language_by": language_by or None})
 
-    def set_language(self, call_id: str, language: str | None) -> None:
+    def set_language(self, call_id: str, language: str | None, by: str | None = None) -> None:
+        """by: how it was chosen, key, name or detected (issue 12)."""
         if language:
-            self._put({"op": "set_language", "id": call_id, "language": language})
+            self._put({"op": "set_language", "id": call_id, "language": language, "by": by})
+
+    def save_caller_settings(self, number: str, settings: Any,
+                             at: dt.datetime | None = None) -> None:
+        """Remember a caller's controls (a dialog.CallerSettings) for their number; default
+        settings forget the number. Written like every record (journal, then database)."""
+        self._put({"op": "caller_settings", "number": number,
+                   "rate_step": int(settings.rate_step), "gain_db": int(settings.gain_db),
+                   "more_time": int(settings.more_time),
+                   "updated_at": utc(at) or now()})
+
+    def caller_settings(self, number: str, at: dt.datetime | None = None) -> Any:
+        """The controls remembered for ``number`` (a dialog.CallerSettings), or None when
+        nothing is remembered or it is older than CALLER_SETTINGS_DAYS. Never raises: a
+        store that does not answer means the call starts with the defaults."""
+        from .dialog import CallerSettings
+
+        since = utc((at or dt.datetime.now(dt.UTC)) - dt.timedelta(days=CALLER_SETTINGS_DAYS))
+
+        def run(cur: Any) -> Any:
+            cur.execute(self._q("SELECT rate_step, gain_db, more_time FROM caller_settings "
+                                "WHERE number = ? AND updated_at >= ?"), (number, since))
+            return cur.fetchone()
+
+        try:
+            row = self._read(run)
+        except Exception as exc:
+            log.warning("store: remembered settings of a caller not read: %s", exc)
+            return None
+        return CallerSettings(int(row[0]), int(row[1]), int(row[2])) if row else None
+
+    def forget_caller(self, number: str) -> int:
+        """Remove what is remembered for ``number``; the rows removed (0 or 1)."""
+        self.flush(READ_WAIT_S)
+
+        def run(cur: Any) -> int:
+            cur.execute(self._q("DELETE FROM caller_settings WHERE number = ?"), (number,))
+            return int(cur.rowcount)
+
+        return self._read(run)  # type: ignore[no-any-return]
+
+    def purge_caller_settings(self, before: dt.datetime) -> int:
+        """Remove settings not changed since ``before``; the rows removed."""
+        self.flush(READ_WAIT_S)
+
+        def run(cur: Any) -> int:
+            cur.execute(self._q("DELETE FROM caller_settings WHERE updated_at < ?"),
+                        (utc(before),))
+            return int(cur.rowcount)
+
+        return self._read(run)  # type: ignore[no-any-return]
 
     def open_ticket(self, call_id: str, caller: str | None, language: str | None,
                     kind: str) -> str:
@@ -689,12 +755,24 @@ class Store:
         elif kind == "call_ended":
             cur.execute(q("UPDATE calls SET ended_at = ?, result = ?, "
                           "language = COALESCE(?, language), recording = ?, ended_by = ?, "
-                          "reason = ? WHERE id = ?"),
+                          "reason = ?, language_by = COALESCE(?, language_by) WHERE id = ?"),
                         (op["at"], op["result"], op["language"], op["recording"],
-                         op["ended_by"], op["reason"], op["id"]))
+                         op["ended_by"], op["reason"], op.get("language_by"), op["id"]))
         elif kind == "set_language":
-            cur.execute(q("UPDATE calls SET language = ? WHERE id = ?"),
-                        (op["language"], op["id"]))
+            cur.execute(q("UPDATE calls SET language = ?, language_by = COALESCE(?, "
+                          "language_by) WHERE id = ?"),
+                        (op["language"], op.get("by") or None, op["id"]))
+        elif kind == "caller_settings":
+            if (op["rate_step"], op["gain_db"], op["more_time"]) == (0, 0, 0):
+                cur.execute(q("DELETE FROM caller_settings WHERE number = ?"), (op["number"],))
+            else:
+                cur.execute(q("INSERT INTO caller_settings (number, rate_step, gain_db, "
+                              "more_time, updated_at) VALUES (?, ?, ?, ?, ?) "
+                              "ON CONFLICT (number) DO UPDATE SET rate_step = "
+                              "excluded.rate_step, gain_db = excluded.gain_db, more_time = "
+                              "excluded.more_time, updated_at = excluded.updated_at"),
+                            (op["number"], op["rate_step"], op["gain_db"], op["more_time"],
+                             op["updated_at"]))
         elif kind == "open_ticket":
             cur.execute(q("INSERT INTO tickets (ticket, call_id, caller, language, kind, state, "
                           "created_at) VALUES (?, ?, ?, ?, ?, ?, ?) "
@@ -1054,7 +1132,7 @@ class Store:
             args.append(call_id)
         sql = ("SELECT id, sip_call_id, worker, caller, dialled, started_at, answered_at, "
                "ended_at, language, path, result, recording, ended_by, reason, host, "
-               "caller_verified, caller_from FROM calls")
+               "caller_verified, caller_from, language_by FROM calls")
         if where:
             sql += " WHERE " + " AND ".join(where)
         # Every time is UTC text of one width (see utc()): text order is time order.
@@ -1079,7 +1157,7 @@ class Store:
                     t["barge_in"] = bool(t["barge_in"])
                 out.append(CallRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8],
                                       json.loads(r[9] or "[]"), r[10], r[11], r[12], r[13],
-                                      turns, r[14], bool(r[15]), r[16]))
+                                      turns, r[14], bool(r[15]), r[16], r[17]))
             return out
 
         return self._read(run)  # type: ignore[no-any-return]

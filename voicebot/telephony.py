@@ -1145,7 +1145,7 @@ class Telephony:
     def _finish(self, job: _Ending) -> None:
         """The waiting part of a call's end (finisher thread; no pjsua2 here)."""
         try:
-            result, language = "abandoned", None
+            result, language, language_by = "abandoned", None, None
             session = job.session
             barge: list[int] = []
             if session is not None:
@@ -1155,6 +1155,7 @@ class Telephony:
                 session.close()
                 result = session.result or session.engine.outcome
                 language = session.engine.language
+                language_by = session.engine.language_by or None
                 barge = [round(ms) for ms in session.stats.barge_in_ms]
             if job.ended_by == "transfer":
                 result = "transferred"
@@ -1162,7 +1163,7 @@ class Telephony:
             if job.started:
                 try:
                     self.store.call_ended(job.call_id, result, language, recording,
-                                          job.ended_by, job.reason)
+                                          job.ended_by, job.reason, language_by)
                 except Exception as exc:
                     log.error("call=%s worker=%d store call_ended failed: %s", job.call_id,
                               self.worker, exc)
