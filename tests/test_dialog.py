@@ -144,8 +144,8 @@ def test_every_path_by_dtmf(grammars, cfg, lang, key):  # type: ignore[no-untype
     assert c.engine.node == "language"
     assert [p.language for a in c.actions if isinstance(a, Play) for p in a.prompts] == \
         ["az", "ru", "en", "ko"]
-    c.press("0")  # operator, in working hours
-    assert c.turns[-1].result == "no_match"  # 0 is not an option of the language menu
+    c.press("7")
+    assert c.turns[-1].result == "no_match"  # 7 is not an option of the language menu
     c.press("3")
     c.press("0")
     assert c.turns[-1].option == "main.operator"
@@ -190,23 +190,27 @@ def test_no_input_twice_then_operator_in_hours(grammars, cfg):  # type: ignore[n
     assert c.prompt_keys()[:2] == ["no_input", "main_menu"]
     c.timeout()
     assert c.prompt_keys()[:2] == ["no_input", "main_menu"]
+    c.timeout()  # the next silence moves the call on: the caller is warned first
+    assert c.prompt_keys() == ["timeout_warning"]
     c.timeout()
     assert c.prompt_keys() == ["no_input", "operator_transfer"]
     assert any(isinstance(a, Transfer) for a in c.finish_prompts())
-    assert [t.result for t in c.turns] == ["no_input"] * 3
+    assert [t.result for t in c.turns] == ["no_input"] * 4
     assert all(t.input == "none" for t in c.turns)
 
 
 def test_no_match_escalates_to_information_then_goodbye_after_hours(grammars, cfg):  # type: ignore[no-untyped-def]
     c = Call(grammars, cfg, at=AFTER_HOURS, language="en")
     c.press("7")
-    c.press("8")
+    c.press("5")
     assert c.prompt_keys()[:2] == ["no_match", "main_menu"]
     c.press("7")  # third failure: outside hours, to the information menu
     assert c.prompt_keys()[:3] == ["no_match", "escalate_info", "info_menu"]
     assert c.engine.node == "info"
     c.press("7")
     c.timeout()
+    c.timeout()  # this silence would move the call on: a warning first
+    assert c.prompt_keys() == ["timeout_warning"]
     c.timeout()  # a second escalation ends the call politely instead of looping
     assert c.prompt_keys() == ["no_input", "goodbye"]
     assert any(isinstance(a, HangUp) for a in c.finish_prompts())
@@ -217,6 +221,11 @@ def test_language_menu_escalates_in_default_language(grammars, cfg):  # type: ig
     c = Call(grammars, cfg, at=AFTER_HOURS)
     for _ in range(3):
         c.timeout()
+    # No language is chosen yet: the warning is said in every offered language.
+    assert c.engine.language is None
+    assert [(p.key, p.language) for a in c.actions if isinstance(a, Play) for p in a.prompts] \
+        == [("timeout_warning", lang) for lang in ("az", "ru", "en", "ko")]
+    c.timeout()
     assert c.engine.language == "az"
     assert c.prompt_keys()[:3] == ["no_input", "escalate_info", "info_menu"]
 
@@ -571,11 +580,11 @@ def test_silent_line_with_failing_operators_ends_politely(grammars, cfg):  # typ
     """In hours, a silent caller whose transfers fail must not cycle menu -> operator for
     ever: the second escalation after a failed transfer says goodbye."""
     c = Call(grammars, cfg, at=IN_HOURS, language="en")
-    for _ in range(3):
+    for _ in range(4):  # three silences, the warning, the last silence
         c.timeout()
     c.finish_prompts()
     c.send(TransferFailed(c.t, "503"))
-    for _ in range(3):
+    for _ in range(4):
         c.timeout()
     assert c.prompt_keys() == ["no_input", "goodbye"]
     assert isinstance(c.finish_prompts()[-1], HangUp)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from voicebot.menus import HELP_NODE
 from voicebot.nlu import CONFIRM_NODE, evaluate, load, load_or_train, save, train
 
 
@@ -13,7 +14,7 @@ from voicebot.nlu import CONFIRM_NODE, evaluate, load, load_or_train, save, trai
 def test_cross_validated_accuracy(grammars, lang: str) -> None:  # type: ignore[no-untyped-def]
     results = evaluate(grammars.packs[lang], grammars.menu, folds=5)
     by_node = {r.node: r for r in results}
-    assert set(by_node) == {"language", "main", "info", "report", CONFIRM_NODE}
+    assert set(by_node) == {"language", "main", "info", "report", HELP_NODE, CONFIRM_NODE}
     total = sum(r.samples for r in results)
     acc = sum(r.accuracy * r.samples for r in results) / total
     # Phrases the pack does not list, recognised from the others: well above chance
