@@ -31,7 +31,7 @@ def run(core, inputs, **kw):  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize("lang_key,lang", [("1", "az"), ("2", "ru"), ("3", "en")])
 def test_dtmf_paths_through_the_audio_pipeline(core, lang_key: str, lang: str) -> None:  # type: ignore[no-untyped-def]
-    res = run(core, press(lang_key, "1", "2", "5", "9", "*", "2", "*", "0"), at=AFTER_HOURS)
+    res = run(core, press(lang_key, "1", "2", "5", "9", "*", "2", "*", "7"), at=AFTER_HOURS)
     options = [t.option for t in res.turns]
     assert options == [f"lang.{lang}", "main.info", "info.temporary_residence",
                        "info.registration", "nav.repeat", "nav.back", "main.hours", "nav.back",
@@ -58,12 +58,16 @@ def test_operator_in_hours_transfers_and_outside_hours_offers_information(core) 
 
 
 def test_retries_then_escalation_by_silence(core) -> None:  # type: ignore[no-untyped-def]
-    silent = [CallerInput("silent")] * 3
+    silent = [CallerInput("silent")] * 4
     res = run(core, [CallerInput("press", "3"), *silent], at=AFTER_HOURS)
-    assert [t.result for t in res.turns] == ["accepted", "no_input", "no_input", "no_input"]
-    assert [t.input for t in res.turns[1:]] == ["none"] * 3
+    assert [t.result for t in res.turns] == ["accepted"] + ["no_input"] * 4
+    assert [t.input for t in res.turns[1:]] == ["none"] * 4
+    # The third silence would move the caller on: they are warned first, then moved on.
+    assert [t.prompt for t in res.turns[1:]] == ["no_input", "no_input", "timeout_warning",
+                                                 "no_input"]
     keys = [p.prompt.key for p in res.played]
-    assert keys.count("no_input") == 3 and "escalate_info" in keys
+    assert keys.count("no_input") == 3 and keys.index("timeout_warning") < keys.index(
+        "escalate_info")
     gap = res.turns[2].t_ms - res.turns[1].t_ms
     assert gap > core.cfg.dialog.no_input_ms  # the timer runs after the re-prompt ends
 
@@ -177,3 +181,33 @@ def test_speech_after_a_key_does_not_enter_the_number(core, tmp_path: Path) -> N
     assert (number.input, number.heard, number.result) == ("dtmf", "35#", "number")
     readback = next(p for p in res.played if p.prompt.key == "status_readback")
     assert "3 5" in readback.prompt.text and "7" not in readback.prompt.text
+
+
+def test_korean_controls_and_language_from_the_first_words(core) -> None:  # type: ignore[no-untyped-def]
+    # At the language menu the caller says "operator" in Korean: Korean, and the operator
+    # path at once (after hours: the hours and a callback offer), language_by detected.
+    res = run(core, [CallerInput("say", "상담원")], at=AFTER_HOURS)
+    (turn,) = res.turns
+    assert turn.option == "main.operator" and turn.language == "ko" and turn.node == "main"
+    assert res.language == "ko" and res.language_by == "detected"
+    assert [p.prompt.key for p in res.played][-3:] == ["operator_closed", "hours",
+                                                       "callback_offer"]
+    # "빠르게" (faster) at the main menu, then the operator: every later prompt at 1.25 x,
+    # and the menu after it is shorter than at the normal rate. (Of the Korean control
+    # words, espeak-ng's voice is heard right by the small model for 빠르게, 크게 말해,
+    # 볼륨 줄여 and 도움말; its 천천히 is heard as a decoy, so slower is tested by key.)
+    res = run(core, [CallerInput("say", "빠르게"), CallerInput("say", "상담원")], language="ko",
+              at=IN_HOURS)
+    assert [t.option for t in res.turns] == ["ctl.faster", "main.operator"]
+    keys = [p.prompt.key for p in res.played]
+    assert keys[keys.index("control_faster") + 1] == "main_menu"
+    menus = [p.prompt for p in res.played if p.prompt.key == "main_menu"]
+    assert (menus[0].rate, menus[-1].rate) == (1.0, 1.25)
+    normal = core.prompts.get(menus[0].text, menus[0].voice)
+    fast = core.prompts.get(menus[-1].text, menus[-1].voice, rate=1.25)
+    assert len(fast) <= 0.85 * len(normal)
+    assert res.result == "transferred"
+    # Louder by voice: the prompts after it carry the gain.
+    res = run(core, [CallerInput("say", "크게 말해")], language="ko", at=IN_HOURS)
+    assert [t.option for t in res.turns] == ["ctl.louder"]
+    assert {p.prompt.gain_db for p in res.played[-2:]} == {6}

@@ -195,3 +195,58 @@ def test_busy_at_the_call_limit_then_polite_sigterm(tmp_path: Path):
         assert sip_options("127.0.0.1", b.port, timeout=0.3) is None  # really gone
     finally:
         b.stop(signal.SIGKILL)
+
+
+def voiced_spans(path: Path, gap_ms: int = 1000) -> list[tuple[int, int, float]]:
+    """(start ms, end ms, RMS dBFS of the sounding 20 ms frames) of each stretch of received
+    audio, split where it is quiet for ``gap_ms``: one stretch per bot reply, because the
+    softphone answers only after 1.5 s of quiet (keys go as RFC 4733, not as audio)."""
+    import numpy as np
+
+    from voicebot.frames import read_wav
+
+    samples, rate = read_wav(path)
+    frame = rate // 50
+    x = samples[: len(samples) // frame * frame].astype(np.float64).reshape(-1, frame)
+    rms = np.sqrt((x ** 2).mean(axis=1))
+    loud = rms > 32768 * 10 ** (-45 / 20)
+    spans: list[tuple[int, int, float]] = []
+    start, quiet = None, 0
+    for i, on in enumerate([*loud, *([False] * (gap_ms // 20 + 1))]):
+        if on:
+            start = i if start is None else start
+            quiet = 0
+        elif start is not None:
+            quiet += 1
+            if quiet * 20 >= gap_ms:
+                end = i - quiet + 1
+                part = rms[start:end][loud[start:end]]
+                level = 20 * np.log10(np.sqrt((part ** 2).mean()) / 32768)
+                spans.append((start * 20, end * 20, float(level)))
+                start, quiet = None, 0
+    return spans
+
+
+def test_slower_and_louder_as_the_caller_hears_them(bot: Bot, tmp_path: Path):
+    """Caller controls over SIP, judged from the received audio: after 8 1 (slower) the
+    bot's reply takes measurably longer than after 8 2 (faster), and after 8 3 (louder) it
+    is measurably louder than the reply before it."""
+    slow_wav, fast_wav = tmp_path / "slow.wav", tmp_path / "fast.wav"
+    with ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(bot.call, "--press", "3", "--press", "8", "--press", "1", "--json",
+                           "--record", str(slow_wav))
+        fast = pool.submit(bot.call, "--press", "3", "--press", "8", "--press", "2",
+                           "--press", "8", "--press", "3", "--json", "--record", str(fast_wav))
+        slow_out, fast_out = slow.result(), fast.result()
+    assert [t["option"] for t in turns(slow_out)] == ["lang.en", "ctl.help", "ctl.slower"]
+    assert [t["option"] for t in turns(fast_out)] == ["lang.en", "ctl.help", "ctl.faster",
+                                                       "ctl.help", "ctl.louder"]
+    slow_spans, fast_spans = voiced_spans(slow_wav), voiced_spans(fast_wav)
+    # The last reply of each call: the acknowledgement and the main menu, at 0.75 x against
+    # 1.25 x (and 1.25 x once more, 6 dB louder).
+    slow_reply, faster_reply, louder_reply = slow_spans[-1], fast_spans[-3], fast_spans[-1]
+    slow_ms = slow_reply[1] - slow_reply[0]
+    fast_ms = faster_reply[1] - faster_reply[0]
+    assert slow_ms >= 1.3 * fast_ms, (slow_spans, fast_spans)
+    assert louder_reply[2] >= faster_reply[2] + 3.0, fast_spans
+    assert louder_reply[2] <= -0.5  # louder, yet nothing clips

@@ -12,7 +12,7 @@ import numpy as np
 
 from voicebot.dialog import RATES
 from voicebot.frames import read_wav, rms_dbfs
-from voicebot.tts import PromptCache, apply_gain
+from voicebot.tts import LEVELLER, PromptCache, apply_gain
 
 
 def test_every_prompt_of_every_pack_renders(core, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -38,7 +38,10 @@ def test_every_prompt_of_every_pack_renders(core, tmp_path: Path) -> None:  # ty
         # espeak-ng speaks Latin and Cyrillic at ~40-90 ms a letter, Hangul ~100-250 ms a
         # syllable; far outside means a wrong voice, lost text or silence.
         assert 0.02 < per_letter < 0.35, (p.language, p.key, seconds, letters)
-        assert abs(rms_dbfs(samples[np.abs(samples) > 200]) - core.cfg.tts.volume_dbfs) < 4
+        # Every language as loud as the others: within 2 dB of the level (the limiter
+        # takes the peaks of high-crest voices instead of the whole prompt coming down).
+        assert abs(rms_dbfs(samples[np.abs(samples) > 200]) - core.cfg.tts.volume_dbfs) < 2, \
+            (p.language, p.key)
         assert np.abs(samples[:80]).max() > 0  # no leading silence: it would be latency
 
 
@@ -76,11 +79,12 @@ def test_dynamic_text_renders_on_demand_and_is_cached(tmp_path: Path) -> None:
 TEXT = "Operators take calls Monday to Friday, from 9 a.m. to 6 p.m., Baku time."
 
 
-def test_rate_one_key_is_the_key_of_before(tmp_path: Path) -> None:
+def test_rate_one_key_is_the_configured_rate_and_the_leveller(tmp_path: Path) -> None:
     cache = PromptCache(tmp_path / "p", 8000, 165, -16.0)
-    # The key as computed before caller speech rates: cached files stay valid.
+    # Rate 1.0 is keyed by the configured words per minute; the leveller is in the key, so
+    # files levelled the old way are rendered again rather than mixed with new ones.
     spec = {"text": TEXT, "voice": "en-us", "rate": 165, "level": -16.0,
-            "sample_rate": 8000, "engine": cache._engine}
+            "sample_rate": 8000, "engine": cache._engine, "leveller": LEVELLER}
     old = hashlib.sha256(json.dumps(spec, sort_keys=True, ensure_ascii=False).encode()
                          ).hexdigest()
     assert cache.key(TEXT, "en-us") == cache.key(TEXT, "en-us", 1.0) == old

@@ -58,6 +58,7 @@ class SimResult:
     language: str | None
     recording: Path | None = None
     notes: list[str] = field(default_factory=list)
+    language_by: str = ""  # key, name or detected (issue 12); "" when preset or none
 
 
 class Simulator:
@@ -223,7 +224,8 @@ class Simulator:
             recording = write_wav(self.record, mix, self.rate)
         result = session.result or session.engine.outcome
         return SimResult(session.turns, session.played, caller_log, result, t,
-                         session.engine.language, recording)
+                         session.engine.language, recording,
+                         language_by=session.engine.language_by)
 
     def _caller_may_speak(self, session: CallSession, t: float,
                           waiting_since: float | None) -> bool:

@@ -41,6 +41,9 @@ SYNTH_TIMEOUT_S = 10.0  # per attempt; espeak renders a long prompt in well unde
 SYNTH_ATTEMPTS = 3
 
 LIMIT = 32000.0  # |sample| the gain limiter never exceeds (int16)
+# How prompt levels are set; part of the cache key. 2: the gain past the peak goes through
+# the limiter (1, before it, stopped at the peak and left some voices 3-4 dB quiet).
+LEVELLER = 2
 LIMIT_ATTACK_DB_PER_MS = 2.4  # look-ahead ramp: 12 dB of reduction in 5 ms before a peak
 LIMIT_RELEASE_DB_PER_MS = 0.24  # 12 dB of reduction released in 50 ms after a peak
 
@@ -147,7 +150,12 @@ def trim(samples: np.ndarray, sample_rate: int) -> np.ndarray:
 
 
 def normalize(samples: np.ndarray, target_dbfs: float) -> np.ndarray:
-    """Scale to ``target_dbfs`` RMS over the sounding part, without clipping."""
+    """Scale to ``target_dbfs`` RMS over the sounding part, without clipping.
+
+    Voices with a high crest factor (espeak-ng's Russian: a few plosives 20 dB above the
+    vowels) would stop 3-4 dB short of the level if the gain were capped by the peak, so
+    every language would not sound equally loud; the gain past the peak goes through
+    :func:`apply_gain`'s limiter instead, which turns down only those few peaks."""
     x = samples.astype(np.float64)
     active = x[np.abs(x) > TRIM_THRESHOLD]
     if len(active) == 0:
@@ -155,8 +163,9 @@ def normalize(samples: np.ndarray, target_dbfs: float) -> np.ndarray:
     rms = float(np.sqrt(np.mean(active**2)))
     gain = (32768.0 * 10 ** (target_dbfs / 20.0)) / rms
     peak = float(np.abs(x).max())
-    gain = min(gain, 32000.0 / peak)
-    return to_int16(x * gain)
+    clean = min(gain, 32000.0 / peak)
+    out = to_int16(x * clean)
+    return apply_gain(out, 20.0 * np.log10(gain / clean)) if gain > clean * 1.01 else out
 
 
 def _spread(d: np.ndarray, step_db: float, forward: bool) -> np.ndarray:
@@ -233,10 +242,12 @@ class PromptCache:
         return self.rate if rate == 1.0 else round(self.rate * rate)
 
     def key(self, text: str, voice: str, rate: float = 1.0) -> str:
-        """Cache key: the effective words per minute goes in "rate", so the key of rate 1.0
-        is the one every earlier version computed and files cached before stay valid."""
+        """Cache key: the effective words per minute goes in "rate" (rate 1.0 is the
+        configured wpm itself), and LEVELLER names how the level was set, so a change to
+        :func:`normalize` re-renders every prompt instead of mixing old and new levels."""
         spec = {"text": text, "voice": voice, "rate": self.wpm(rate), "level": self.volume_dbfs,
-                "sample_rate": self.sample_rate, "engine": self._engine}
+                "sample_rate": self.sample_rate, "engine": self._engine,
+                "leveller": LEVELLER}
         return hashlib.sha256(json.dumps(spec, sort_keys=True, ensure_ascii=False).encode()
                               ).hexdigest()
 
