@@ -94,3 +94,35 @@ def test_callers_show_forget_and_the_daily_purge(tmp_path: Path) -> None:
     assert "remembered settings removed" in cli("forget", "+994551234567")
     assert "nothing was remembered" in cli("forget", "+994551234567")
     assert "nothing remembered" in cli("show", "+994551234567")
+
+
+def test_the_next_call_from_the_number_starts_with_its_settings(core, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Through the voice core: a caller turns the prompts up (8 3); their next call starts
+    louder and says so in one sentence; another number, or a simulated caller with no
+    number, starts with the defaults."""
+    from conftest import IN_HOURS
+
+    from voicebot.simulator import CallerInput, Simulator
+
+    store = Store(tmp_path / "voicebot.sqlite")
+    try:
+        def call(keys: list[str], number: str, remember: bool = True):  # type: ignore[no-untyped-def]
+            return Simulator(core, [CallerInput("press", k) for k in keys], IN_HOURS,
+                             language="en", store=store, caller=number,
+                             remember_settings=remember).run()
+
+        first = call(["8", "3"], "+994501112233")
+        assert [t.option for t in first.turns] == ["ctl.help", "ctl.louder"]
+        deadline = time.monotonic() + 5  # saved on the I/O pool
+        while store.caller_settings("+994501112233") is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert store.caller_settings("+994501112233") == CallerSettings(gain_db=6)
+        again = call(["9"], "+994501112233")
+        keys = [p.prompt.key for p in again.played]
+        assert keys[:3] == ["welcome", "settings_restored", "main_menu"]
+        assert {p.prompt.gain_db for p in again.played} == {6}
+        for other in (call(["9"], "+994509998877"), call(["9"], "+994501112233", False)):
+            assert "settings_restored" not in [p.prompt.key for p in other.played]
+            assert {p.prompt.gain_db for p in other.played} == {0}
+    finally:
+        store.close()

@@ -78,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
                                   "timezone unless it carries an offset")
     sim.add_argument("--barge-in", nargs="?", const=1500, type=int, metavar="MS",
                      help="caller speaks MS ms into each prompt instead of after it (1500)")
+    sim.add_argument("--caller", metavar="NUMBER",
+                     help="the caller's number: its remembered controls (slower, louder, "
+                     "more time) apply and are saved, as for a real caller")
     sim.add_argument("--transfer-fails", action="store_true",
                      help="the operator transfer fails (busy)")
     sim.add_argument("--rate", type=int, default=8000, choices=[8000, 16000],
@@ -465,11 +468,13 @@ def _simulate(cfg: Config, args: argparse.Namespace) -> int:
                             f"{', '.join(sorted(core.grammars.packs))}")
     at = parse_at(args.at, core.hours.tz) if args.at else dt.datetime.now(core.hours.tz)
     # The store answers the status menu and keeps messages, tickets and callbacks; the
-    # simulated call is recorded in it too (caller "simulator"), as a real one would be.
+    # simulated call is recorded in it too (caller "simulator", or --caller), as a real one
+    # would be.
     store = Store.from_config(cfg)
     sim = Simulator(core, args.inputs, at, language=args.lang, barge_in_ms=args.barge_in,
                     transfer_fails=args.transfer_fails, sample_rate=args.rate,
-                    record=Path(args.record) if args.record else None, store=store)
+                    record=Path(args.record) if args.record else None, store=store,
+                    caller=args.caller or "simulator", remember_settings=bool(args.caller))
     try:
         res = sim.run()
     finally:

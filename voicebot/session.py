@@ -186,15 +186,18 @@ class VoiceCore:
                 on_action: Callable[[Action], None] | None = None,
                 on_turn: Callable[[Turn], None] | None = None,
                 store: Store | None = None, caller: str | None = None,
-                caller_verified: bool = False) -> CallSession:
+                caller_verified: bool = False, remember_settings: bool = True) -> CallSession:
         """One call. store: where application statuses are read and tickets, messages and
         callbacks are written (without one the status menu finds nothing and messages are
         not kept); caller: the caller's number, for callbacks; caller_verified: it is a
-        P-Asserted-Identity from a trusted peer, not just what From said."""
+        P-Asserted-Identity from a trusted peer, not just what From said; remember_settings:
+        read and save the caller's controls for that number (a simulated caller that is
+        not a real number has none)."""
         session = CallSession(self, call_id, sample_rate, on_action, on_turn)
         session.store = store
         session.caller = caller
         session.caller_verified = caller_verified
+        session.remember_settings = remember_settings
         return session
 
     def message_path(self, ticket: str, kind: str, at: dt.datetime) -> Path:
@@ -266,6 +269,7 @@ class CallSession:
         self.store: Store | None = None
         self.caller: str | None = None
         self.caller_verified = False  # caller came from a trusted P-Asserted-Identity
+        self.remember_settings = True  # the caller's controls are kept for their number
         self.started_at: dt.datetime | None = None
         self._recorder: MessageRecorder | None = None
         self._ticket: str | None = None
@@ -333,7 +337,8 @@ class CallSession:
         are read, or after SETTINGS_WAIT_S without them (a slow store must not keep the
         caller waiting in silence)."""
         self.started_at = at
-        if self.store is None or not self.caller or not self.core.grammars.menu.controls:
+        if (self.store is None or not self.caller or not self.remember_settings
+                or not self.core.grammars.menu.controls):
             self.post(CallStarted(at, language, 0.0))
             return
         store, caller = self.store, self.caller
@@ -682,7 +687,7 @@ class CallSession:
         """Remember the caller's controls for their number, off the call thread; a failure
         is logged (the call goes on with its settings)."""
         store, caller = self.store, self.caller
-        if store is None or not caller:
+        if store is None or not caller or not self.remember_settings:
             return
 
         def save() -> None:

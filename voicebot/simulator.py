@@ -75,7 +75,8 @@ class Simulator:
                  transfer_fails: bool = False, sample_rate: int = 8000,
                  record: Path | None = None, reply_pause_ms: int = 400,
                  max_call_ms: int = 15 * 60 * 1000, store: Store | None = None,
-                 caller: str = "simulator", transfer_silent: bool = False) -> None:
+                 caller: str = "simulator", transfer_silent: bool = False,
+                 remember_settings: bool = False) -> None:
         self.core = core
         self.inputs = list(inputs)
         self.at = at
@@ -91,6 +92,9 @@ class Simulator:
         # callbacks) and the status menu reads applications from it.
         self.store = store
         self.caller = caller
+        # Only a caller given as a real number (voicebot simulate --caller) has its controls
+        # remembered: otherwise one run's "louder" would carry into every later run.
+        self.remember_settings = remember_settings
         self._voice_cache = PromptCache(core.cfg.audio_dir / "cache" / "caller", sample_rate,
                                         CALLER_RATE_WPM, CALLER_LEVEL_DBFS)
         self._transferred = False
@@ -160,7 +164,8 @@ class Simulator:
         session = core.session(call_id, self.rate,
                                on_action=lambda a: self._on_action(a, holder[0]),
                                on_turn=(lambda t: store.add_turn(call_id, t)) if store else None,
-                               store=store, caller=self.caller)
+                               store=store, caller=self.caller,
+                               remember_settings=self.remember_settings)
         holder.append(session)
         tx_all: list[np.ndarray] = []
         rx_all: list[np.ndarray] = []
