@@ -134,11 +134,13 @@ def test_status_other_year_and_unknown_number_then_operator(dcore, duty_store) -
     res = call(dcore, duty_store, ["3", "533#", "1"], language="ru")
     assert "первого марта две тысячи двадцать пятого года" in said(res, "status_in_review")
     # Unknown, then "no" to the read-back, then silence: the third failure goes to an
-    # operator in working hours...
-    res = call(dcore, duty_store, ["3", "42#", "1", "7#", "2", "silent"], language="en")
+    # operator in working hours, after a warning that says how to go on...
+    res = call(dcore, duty_store, ["3", "42#", "1", "7#", "2", "silent", "silent"],
+               language="en")
     assert "4 2" in said(res, "status_unknown")
     assert keys(res).count("status_ask") == 3
-    assert res.result == "transferred" and keys(res)[-1] == "operator_transfer"
+    assert keys(res)[-2:] == ["timeout_warning_digits", "operator_transfer"]
+    assert res.result == "transferred"
     # ...and outside them to a callback offer.
     res = call(dcore, duty_store, ["3", "42#", "1", "42#", "1", "42#", "1", "1"], language="en",
                at=AFTER_HOURS)
