@@ -139,7 +139,7 @@ def test_status_other_year_and_unknown_number_then_operator(dcore, duty_store) -
                language="en")
     assert "4 2" in said(res, "status_unknown")
     assert keys(res).count("status_ask") == 3
-    assert keys(res)[-2:] == ["timeout_warning_digits", "operator_transfer"]
+    assert keys(res)[-3:] == ["timeout_warning_digits", "no_input", "operator_transfer"], keys(res)
     assert res.result == "transferred"
     # ...and outside them to a callback offer.
     res = call(dcore, duty_store, ["3", "42#", "1", "42#", "1", "42#", "1", "1"], language="en",
