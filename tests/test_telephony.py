@@ -100,7 +100,8 @@ def test_dtmf_navigation_in_three_languages_and_korean_speech(bot: Bot, grammars
         # From the caller's side: the language menu, the main menu and the hours, each whole
         # and in the chosen language (the main menu's re-prompt may follow before hang-up).
         got = prompts_heard(outs[lang])
-        assert got[:7] == [*LANGUAGE_MENU, ("main_menu", lang, True), ("hours", lang, True)], got
+        assert got[:7] == [*LANGUAGE_MENU, ("main_menu", lang, True), ("hours", lang, True)], \
+            heard(outs[lang])
         assert not [h for h in heard(outs[lang]) if h["key"] is None], heard(outs[lang])
         rec = record_of(bot, outs[lang])
         assert rec.language == lang and rec.path == [f"lang.{lang}", "main.hours"]
