@@ -41,9 +41,10 @@ SYNTH_TIMEOUT_S = 10.0  # per attempt; espeak renders a long prompt in well unde
 SYNTH_ATTEMPTS = 3
 
 LIMIT = 32000.0  # |sample| the gain limiter never exceeds (int16)
-# How prompt levels are set; part of the cache key. 2: the gain past the peak goes through
-# the limiter (1, before it, stopped at the peak and left some voices 3-4 dB quiet).
-LEVELLER = 2
+# How prompt levels are set; part of the cache key. 1 stopped at the peak and left some
+# voices 3-4 dB quiet; 2 sent the gain past the peak through the limiter, timed for 8 kHz at
+# every rate; 3 times the limiter for the cache's own sample rate.
+LEVELLER = 3
 LIMIT_ATTACK_DB_PER_MS = 2.4  # look-ahead ramp: 12 dB of reduction in 5 ms before a peak
 LIMIT_RELEASE_DB_PER_MS = 0.24  # 12 dB of reduction released in 50 ms after a peak
 
@@ -149,8 +150,9 @@ def trim(samples: np.ndarray, sample_rate: int) -> np.ndarray:
     return samples[max(0, loud[0] - edge): loud[-1] + edge]
 
 
-def normalize(samples: np.ndarray, target_dbfs: float) -> np.ndarray:
-    """Scale to ``target_dbfs`` RMS over the sounding part, without clipping.
+def normalize(samples: np.ndarray, target_dbfs: float, sample_rate: int) -> np.ndarray:
+    """Scale to ``target_dbfs`` RMS over the sounding part, without clipping; sample_rate
+    (Hz) sets the limiter's attack and release times.
 
     Voices with a high crest factor (espeak-ng's Russian: a few plosives 20 dB above the
     vowels) would stop 3-4 dB short of the level if the gain were capped by the peak, so
@@ -165,7 +167,9 @@ def normalize(samples: np.ndarray, target_dbfs: float) -> np.ndarray:
     peak = float(np.abs(x).max())
     clean = min(gain, 32000.0 / peak)
     out = to_int16(x * clean)
-    return apply_gain(out, 20.0 * np.log10(gain / clean)) if gain > clean * 1.01 else out
+    if gain <= clean * 1.01:
+        return out
+    return apply_gain(out, 20.0 * np.log10(gain / clean), sample_rate)
 
 
 def _spread(d: np.ndarray, step_db: float, forward: bool) -> np.ndarray:
@@ -263,7 +267,7 @@ class PromptCache:
         resample, trim and level one text (no cache)."""
         samples, sr = self.synth.synthesize(text, voice, self.wpm(rate))
         samples = resample(samples, sr, self.sample_rate)
-        return normalize(trim(samples, self.sample_rate), self.volume_dbfs)
+        return normalize(trim(samples, self.sample_rate), self.volume_dbfs, self.sample_rate)
 
     def cached(self, text: str, voice: str, rate: float = 1.0) -> np.ndarray | None:
         """The prompt's audio if it is rendered (memory or disk), else None: never renders.
